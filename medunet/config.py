@@ -1,0 +1,203 @@
+"""Typed configuration: frozen dataclasses and the YAML loader.
+
+This is the only place where raw dicts become types. Relative paths in a config file are resolved
+against the folder that holds the file, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class Normalization(StrEnum):
+    ZSCORE = "zscore"  # MR: zero mean, unit variance (inside the non-zero region when `nonzero`)
+    CT = "ct"  # CT: clip to a HU window, scale to [0, 1]
+    PERCENTILE = "percentile"  # clip to the 0.5/99.5 percentiles, scale to [0, 1] (EM, photos)
+    NONE = "none"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be turned into types; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    name: str = "unet"
+    spatial_dims: int = 3
+    in_channels: int = 1
+    out_channels: int = 2
+    features: tuple[int, ...] = (32, 64, 128, 256)
+    norm: str = "instance"
+    act: str = "leakyrelu"
+    upsample: str = "transpose"
+    downsample: str = "conv"
+    dropout: float = 0.0
+    deep_supervision: bool = False
+    deep_supervision_levels: int = 2
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Deterministic steps shared by training and inference; saved in every checkpoint."""
+
+    spatial_dims: int = 3
+    channels: tuple[str, ...] = ("image",)
+    label_names: tuple[str, ...] = ("background", "foreground")
+    orientation: str | None = "RAS"
+    target_spacing: tuple[float, ...] | None = None
+    normalization: Normalization = Normalization.ZSCORE
+    nonzero: bool = False
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    patch_size: tuple[int, ...] = (48, 64, 48)
+    label_map: tuple[tuple[int, int], ...] = ()  # (value in file, class index) pairs, e.g. EM 255 -> 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_samples: int = 1  # random crops drawn from each cached volume per visit
+    pos_fraction: float = 0.67  # share of crops centred on foreground
+    flip_prob: float = 0.0
+    flip_axes: tuple[int, ...] = ()
+    rotate_prob: float = 0.2
+    rotate_range: float = 0.26  # radians, each axis
+    scale_range: float = 0.15
+    elastic_prob: float = 0.0
+    intensity_prob: float = 0.3
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    manifest: Path = Path("manifest.csv")
+    val_fraction: float = 0.2
+    folds: int = 5
+    fold: int | None = None  # None: a single split with `val_fraction`
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 2
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    val_every: int = 1
+    time_limit_minutes: float | None = None
+    seed: int = 0
+    num_threads: int | None = None
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    roi_size: tuple[int, ...] | None = None  # None: the training patch size
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    mode: str = "gaussian"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment config; ``overrides`` are dotted keys, e.g. ``{"train.epochs": 2}``."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    cfg = from_dict(ExperimentConfig, raw, where=str(path))
+    manifest = cfg.data.manifest
+    if not manifest.is_absolute():
+        manifest = (path.parent / manifest).resolve()
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest))
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain, YAML/JSON-safe view of a config dataclass (for saving and for tracking)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, StrEnum):
+        return str(cfg.value)
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def from_dict(cls: type, raw: Any, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and converting nested types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
+    kwargs = {key: _convert(hints[key], value, f"{where}:{key}") for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, where) for a, v in zip(args, value, strict=True))
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not one of {[m.value for m in tp]}") from None
+    if tp is Path:
+        return Path(value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,32 @@
+"""Checkpoint files: written atomically, read without executing code (``weights_only=True``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medunet.errors import InputError
+from medunet.io.writers import atomic_path
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """Save ``payload`` to ``path`` through a temporary file, so a kill never leaves half a file."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(path, f"not a loadable medunet checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict):
+        raise InputError(path, "not a medunet checkpoint (expected a dict)")
+    return payload

@@ -1,0 +1,111 @@
+"""Reading images through MONAI's ``LoadImage`` with the right reader for each format.
+
+Every reader returns a channel-first ``MetaTensor`` ``(C, *S)`` whose ``affine`` (RAS, as MONAI
+keeps it) places the voxels in the world; that affine is what the written mask carries.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.data.image_reader import ImageReader, ITKReader, NibabelReader, PILReader
+from monai.transforms import LoadImage
+
+from medunet.errors import InputError
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+IMAGE_2D_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+SUPPORTED = NIFTI_SUFFIXES + ITK_SUFFIXES + IMAGE_2D_SUFFIXES
+
+
+def has_suffix(path: str | Path, suffixes: tuple[str, ...]) -> bool:
+    return str(path).lower().endswith(suffixes)
+
+
+def is_image_path(path: Path) -> bool:
+    """True for a file of a supported format or a folder that holds a DICOM series."""
+    return path.is_dir() or has_suffix(path, SUPPORTED)
+
+
+def list_dicom_series(folder: str | Path) -> dict[str, int]:
+    """Series instance UIDs in ``folder`` with their number of files (read by GDCM, headers only)."""
+    import SimpleITK as sitk
+
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
+    return {uid: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+
+
+def choose_reader(path: Path, series: str | None = None) -> ImageReader:
+    """The MONAI reader for ``path``; a DICOM folder with several series needs ``series``."""
+    if path.is_dir():
+        found = list_dicom_series(path)
+        if not found:
+            raise InputError(path, "folder holds no DICOM series")
+        if series is None and len(found) > 1:
+            listing = ", ".join(f"{uid} ({n} files)" for uid, n in found.items())
+            raise InputError(path, f"folder holds {len(found)} DICOM series; pick one with --series UID: {listing}")
+        if series is not None and series not in found:
+            raise InputError(path, f"no DICOM series {series}; found: {', '.join(found)}")
+        uid = series or next(iter(found))
+        # ITK (GDCM) sorts the slices by their position along the normal, not by file name,
+        # and decodes JPEG 2000 transfer syntaxes.
+        return ITKReader(series_name=uid, reverse_indexing=True)
+    if has_suffix(path, NIFTI_SUFFIXES):
+        return NibabelReader()
+    if has_suffix(path, ITK_SUFFIXES):
+        return ITKReader()
+    if has_suffix(path, IMAGE_2D_SUFFIXES):
+        return PILReader()
+    raise InputError(path, f"unsupported file type; expected one of {', '.join(SUPPORTED)} or a DICOM folder")
+
+
+def load_image(
+    paths: str | Path | list[str | Path], spatial_dims: int | None = None, series: str | None = None
+) -> MetaTensor:
+    """Read one image (one file per channel) as a channel-first ``MetaTensor`` ``(C, *S)``.
+
+    Raises ``InputError`` naming the file for a missing or unreadable file and for an image whose
+    dimensionality is not ``spatial_dims``.
+    """
+    files = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    channels = []
+    for path in files:
+        if not path.exists():
+            raise InputError(path, "no such file or folder")
+        reader = choose_reader(path, series)
+        try:
+            img = LoadImage(reader=reader, image_only=True, ensure_channel_first=False)(str(path))
+        except InputError:
+            raise
+        except Exception as exc:  # readers raise many types; the user needs the file and the reason
+            raise InputError(path, f"cannot be read as an image ({type(exc).__name__}: {exc})") from None
+        img = _squeeze_to(img, path, spatial_dims)
+        channels.append(img)
+    first = channels[0]
+    for path, img in zip(files[1:], channels[1:], strict=True):
+        if img.shape != first.shape or not np.allclose(img.affine, first.affine, atol=1e-3):
+            raise InputError(path, f"channel geometry {tuple(img.shape)} does not match {files[0]} {tuple(first.shape)}")
+    data = torch.stack([c.as_tensor() for c in channels]).float()
+    out = MetaTensor(data, affine=first.affine, meta=dict(first.meta))
+    out.meta["filename_or_obj"] = str(files[0])
+    return out
+
+
+def _squeeze_to(img: MetaTensor, path: Path, spatial_dims: int | None) -> MetaTensor:
+    """Drop trailing singleton axes (a 2D NIfTI stored as X×Y×1) and check the dimensionality."""
+    shape = tuple(img.shape)
+    if spatial_dims is not None:
+        while img.ndim > spatial_dims and img.shape[-1] == 1:
+            img = img[..., 0]
+        if img.ndim == spatial_dims + 1 and spatial_dims == 2 and img.shape[-1] in (3, 4):
+            raise InputError(path, f"colour image {shape}; convert it to one grey channel")
+        if img.ndim != spatial_dims:
+            raise InputError(path, f"expected a {spatial_dims}D image, got {img.ndim}D with shape {shape}")
+    return img

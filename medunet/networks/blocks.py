@@ -1,0 +1,139 @@
+"""Building blocks shared by the U-Net family; ops are looked up once from ``spatial_dims``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+from torch import nn
+
+
+class Norm(StrEnum):
+    INSTANCE = "instance"
+    BATCH = "batch"
+    GROUP = "group"
+    NONE = "none"
+
+
+class Act(StrEnum):
+    RELU = "relu"
+    LEAKYRELU = "leakyrelu"
+    GELU = "gelu"
+
+
+class Upsample(StrEnum):
+    TRANSPOSE = "transpose"
+    INTERPOLATE = "interpolate"
+
+
+class Downsample(StrEnum):
+    MAXPOOL = "maxpool"
+    CONV = "conv"
+
+
+@dataclass(frozen=True)
+class Ops:
+    """Dimension-specific layer constructors, so one network class serves 2D and 3D."""
+
+    spatial_dims: int
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+
+    @property
+    def conv(self) -> type[nn.Module]:
+        return nn.Conv2d if self.spatial_dims == 2 else nn.Conv3d
+
+    @property
+    def conv_transpose(self) -> type[nn.Module]:
+        return nn.ConvTranspose2d if self.spatial_dims == 2 else nn.ConvTranspose3d
+
+    @property
+    def maxpool(self) -> type[nn.Module]:
+        return nn.MaxPool2d if self.spatial_dims == 2 else nn.MaxPool3d
+
+    @property
+    def interp_mode(self) -> str:
+        return "bilinear" if self.spatial_dims == 2 else "trilinear"
+
+    def norm(self, kind: Norm, channels: int) -> nn.Module:
+        if kind is Norm.INSTANCE:
+            cls = nn.InstanceNorm2d if self.spatial_dims == 2 else nn.InstanceNorm3d
+            return cls(channels, affine=True)
+        if kind is Norm.BATCH:
+            cls = nn.BatchNorm2d if self.spatial_dims == 2 else nn.BatchNorm3d
+            return cls(channels)
+        if kind is Norm.GROUP:
+            return nn.GroupNorm(min(8, channels), channels)
+        return nn.Identity()
+
+
+def make_act(kind: Act) -> nn.Module:
+    if kind is Act.RELU:
+        return nn.ReLU(inplace=True)
+    if kind is Act.LEAKYRELU:
+        return nn.LeakyReLU(0.01, inplace=True)
+    return nn.GELU()
+
+
+class ConvBlock(nn.Sequential):
+    """Two (conv 3x3 -> norm -> activation) layers; the first may stride to downsample.
+
+    ``(B, C_in, *S) -> (B, C_out, *S / stride)``
+    """
+
+    def __init__(
+        self, ops: Ops, c_in: int, c_out: int, norm: Norm, act: Act, stride: int = 1, dropout: float = 0.0
+    ) -> None:
+        layers: list[nn.Module] = [
+            ops.conv(c_in, c_out, 3, stride=stride, padding=1, bias=norm is Norm.NONE),
+            ops.norm(norm, c_out),
+            make_act(act),
+        ]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers += [
+            ops.conv(c_out, c_out, 3, padding=1, bias=norm is Norm.NONE),
+            ops.norm(norm, c_out),
+            make_act(act),
+        ]
+        super().__init__(*layers)
+
+
+class UpBlock(nn.Module):
+    """Doubles the resolution and halves (or sets) the channels: ``(B, C_in, *S) -> (B, C_out, *2S)``."""
+
+    def __init__(self, ops: Ops, c_in: int, c_out: int, mode: Upsample) -> None:
+        super().__init__()
+        self.mode = mode
+        self.interp_mode = ops.interp_mode
+        if mode is Upsample.TRANSPOSE:
+            self.proj = ops.conv_transpose(c_in, c_out, 2, stride=2)
+        else:
+            self.proj = ops.conv(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is Upsample.INTERPOLATE:
+            x = nn.functional.interpolate(x, scale_factor=2.0, mode=self.interp_mode, align_corners=False)
+        return self.proj(x)
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate (Oktay et al. 2018) on a skip connection.
+
+    ``skip`` (B, C_s, *S) is weighted by ``sigmoid(psi(act(W_x skip + W_g gate)))`` where ``gate``
+    (B, C_g, *S) is the decoder feature brought to the skip's resolution.
+    """
+
+    def __init__(self, ops: Ops, c_skip: int, c_gate: int, c_inter: int, norm: Norm) -> None:
+        super().__init__()
+        self.w_x = nn.Sequential(ops.conv(c_skip, c_inter, 1, bias=False), ops.norm(norm, c_inter))
+        self.w_g = nn.Sequential(ops.conv(c_gate, c_inter, 1, bias=False), ops.norm(norm, c_inter))
+        self.psi = nn.Sequential(ops.conv(c_inter, 1, 1), nn.Sigmoid())
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        alpha = self.psi(self.act(self.w_x(skip) + self.w_g(gate)))
+        return skip * alpha

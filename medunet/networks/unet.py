@@ -1,0 +1,122 @@
+"""U-Net and Attention U-Net for 2D and 3D images.
+
+The forward reads like the diagram: an encoder of ``len(features)`` levels, each two 3x3 convolutions
+with norm and activation; a decoder that upsamples, (optionally gates) and concatenates the skip, then
+two more convolutions; a 1x1 head. Inputs of any size are padded to a multiple of the total stride
+and the output is cropped back, so ``forward`` maps ``(B, C_in, *S) -> (B, C_out, *S)``.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from medunet.config import NetworkConfig
+from medunet.networks.blocks import Act, AttentionGate, ConvBlock, Downsample, Norm, Ops, Upsample, UpBlock
+
+
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al. 2015) with configurable depth, width, norm and upsampling.
+
+    With ``deep_supervision`` and in training mode, the output is ``(B, K, C_out, *S)``: the
+    full-resolution head followed by ``K - 1`` lower-resolution heads upsampled to ``S``
+    (the layout of MONAI's DynUNet, so the return type is always a tensor).
+    """
+
+    use_attention = False
+
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        ops = Ops(cfg.spatial_dims)
+        norm, act = Norm(cfg.norm), Act(cfg.act)
+        down, up = Downsample(cfg.downsample), Upsample(cfg.upsample)
+        feats = list(cfg.features)
+        if len(feats) < 2:
+            raise ValueError("features needs at least two levels, e.g. (32, 64)")
+        self.spatial_dims = cfg.spatial_dims
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.out_channels
+        self.stride = 2 ** (len(feats) - 1)
+        self.deep_supervision = cfg.deep_supervision
+        self.interp_mode = ops.interp_mode
+
+        self.encoder = nn.ModuleList()
+        for level, c_out in enumerate(feats):
+            c_in = cfg.in_channels if level == 0 else feats[level - 1]
+            stride = 2 if (level > 0 and down is Downsample.CONV) else 1
+            block = ConvBlock(ops, c_in, c_out, norm, act, stride=stride, dropout=cfg.dropout)
+            if level > 0 and down is Downsample.MAXPOOL:
+                self.encoder.append(nn.Sequential(ops.maxpool(2), block))
+            else:
+                self.encoder.append(block)
+
+        self.ups = nn.ModuleList()
+        self.gates = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        self.heads = nn.ModuleList()
+        for level in range(len(feats) - 2, -1, -1):
+            c_skip, c_deep = feats[level], feats[level + 1]
+            self.ups.append(UpBlock(ops, c_deep, c_skip, up))
+            if self.use_attention:
+                self.gates.append(AttentionGate(ops, c_skip, c_skip, max(c_skip // 2, 1), norm))
+            else:
+                self.gates.append(nn.Identity())
+            self.decoder.append(ConvBlock(ops, 2 * c_skip, c_skip, norm, act))
+            self.heads.append(ops.conv(c_skip, cfg.out_channels, 1))
+        # heads[-1] is the full-resolution output; the others serve deep supervision only.
+        n_aux = min(cfg.deep_supervision_levels, len(feats) - 2) if cfg.deep_supervision else 0
+        self.n_aux = n_aux
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input (B, {self.in_channels}, {'H, W' if self.spatial_dims == 2 else 'H, W, D'}), "
+                f"got {tuple(x.shape)}"
+            )
+        size = x.shape[2:]
+        x = self._pad(x)
+        skips: List[torch.Tensor] = []
+        for enc in self.encoder:
+            x = enc(x)
+            skips.append(x)
+        x = skips.pop()
+        outputs: List[torch.Tensor] = []
+        n_levels = len(self.decoder)
+        for i, (up, gate, dec, head) in enumerate(zip(self.ups, self.gates, self.decoder, self.heads)):
+            skip = skips.pop()
+            x = up(x)
+            if self.use_attention:
+                skip = gate(skip, x)
+            x = dec(torch.cat([skip, x], dim=1))
+            if self.training and i >= n_levels - 1 - self.n_aux and i < n_levels - 1:
+                outputs.append(head(x))
+        out = self._crop(self.heads[-1](x), size)
+        if self.training and self.n_aux > 0:
+            full = x.shape[2:]
+            aux = [
+                self._crop(nn.functional.interpolate(o, size=full, mode=self.interp_mode), size)
+                for o in outputs[::-1]
+            ]
+            return torch.stack([out] + aux, dim=1)
+        return out
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        pad: List[int] = []
+        for s in x.shape[2:][::-1]:
+            pad += [0, (self.stride - s % self.stride) % self.stride]
+        if sum(pad) == 0:
+            return x
+        return nn.functional.pad(x, pad)
+
+    def _crop(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
+        if self.spatial_dims == 2:
+            return x[:, :, : size[0], : size[1]]
+        return x[:, :, : size[0], : size[1], : size[2]]
+
+
+class AttentionUNet(UNet):
+    """U-Net whose skips pass through additive attention gates (Oktay et al. 2018)."""
+
+    use_attention = True

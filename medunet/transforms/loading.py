@@ -1,0 +1,77 @@
+"""Dictionary transforms that load a case through ``medunet.io`` and check its geometry."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from medunet.errors import InputError
+from medunet.io import load_image
+
+
+def check_same_geometry(image: MetaTensor, label: MetaTensor, label_path: str) -> None:
+    """Refuse a label whose grid (shape and affine) differs from its image's."""
+    if tuple(image.shape[1:]) != tuple(label.shape[1:]):
+        raise InputError(
+            label_path, f"label shape {tuple(label.shape[1:])} does not match image shape {tuple(image.shape[1:])}"
+        )
+    if not np.allclose(np.asarray(image.affine), np.asarray(label.affine), atol=1e-3):
+        raise InputError(label_path, "label geometry (spacing/origin/direction) does not match its image")
+
+
+def take_slice(img: MetaTensor, index: int) -> MetaTensor:
+    """The 2D slice ``index`` along the last axis of ``(C, X, Y, Z)``, with a 3x3 in-plane affine."""
+    if not 0 <= index < img.shape[-1]:
+        raise InputError(img.meta.get("filename_or_obj", "?"), f"slice {index} outside 0..{img.shape[-1] - 1}")
+    affine = torch.as_tensor(img.affine, dtype=torch.float64)
+    a2 = torch.eye(3, dtype=torch.float64)
+    a2[:2, :2] = affine[:2, :2]
+    a2[:2, 2] = affine[:2, 3] + affine[:2, 2] * index
+    meta = {k: v for k, v in img.meta.items() if k not in ("affine", "spatial_shape", "original_affine")}
+    return MetaTensor(img.as_tensor()[..., index].clone(), affine=a2, meta=meta)
+
+
+class LoadCased(MapTransform):
+    """Load ``image`` (list of channel files) and optional ``label``; apply ``slice`` and ``label_map``.
+
+    Produces ``image`` ``(C, *S)`` float32 and ``label`` ``(1, *S)`` with class indices.
+    """
+
+    def __init__(self, spatial_dims: int, label_map: tuple[tuple[int, int], ...] = ()) -> None:
+        super().__init__(keys=["image", "label"], allow_missing_keys=True)
+        self.spatial_dims = spatial_dims
+        self.label_map = dict(label_map)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        slice_index = d.get("slice")
+        file_dims = 3 if slice_index is not None else self.spatial_dims
+        image = load_image(d["image"], spatial_dims=file_dims)
+        label = None
+        if "label" in d:
+            label = load_image(d["label"], spatial_dims=file_dims)
+            check_same_geometry(image, label, str(d["label"]))
+        if slice_index is not None:
+            image = take_slice(image, int(slice_index))
+            label = take_slice(label, int(slice_index)) if label is not None else None
+        d["image"] = image
+        if label is not None:
+            d["label"] = self._map_labels(label, str(d["label"]))
+        return d
+
+    def _map_labels(self, label: MetaTensor, path: str) -> MetaTensor:
+        values = torch.round(label)
+        if self.label_map:
+            out = torch.full_like(values, -1)
+            for file_value, index in self.label_map.items():
+                out[values == file_value] = index
+            if (out < 0).any():
+                found = sorted(int(v) for v in torch.unique(values).tolist())
+                raise InputError(path, f"label values {found} are not all in label_map {sorted(self.label_map)}")
+            values = out
+        return values.to(torch.uint8) if isinstance(values, MetaTensor) else MetaTensor(values.to(torch.uint8))

@@ -1,0 +1,129 @@
+"""MONAI dictionary pipelines for training and evaluation, 2D and 3D.
+
+``preprocess`` is deterministic (cached once per case, shared with inference); ``augment`` is the
+random part applied every time a training case is drawn.
+"""
+
+from __future__ import annotations
+
+
+
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    NormalizeIntensityd,
+    Orientationd,
+    Rand2DElasticd,
+    Rand3DElasticd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+)
+from monai.transforms.transform import Transform
+
+from medunet.config import AugmentConfig, Normalization, PreprocessConfig
+from medunet.transforms.loading import LoadCased
+
+
+def normalization(cfg: PreprocessConfig, key: str = "image") -> list[Transform]:
+    """The intensity preset: MR z-score, CT window to [0, 1], or percentile scaling."""
+    if cfg.normalization is Normalization.ZSCORE:
+        return [NormalizeIntensityd(keys=key, nonzero=cfg.nonzero, channel_wise=True)]
+    if cfg.normalization is Normalization.CT:
+        lo, hi = cfg.ct_window
+        return [ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
+    if cfg.normalization is Normalization.PERCENTILE:
+        return [
+            ScaleIntensityRangePercentilesd(keys=key, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True,
+                                            channel_wise=True)
+        ]
+    return []
+
+
+def spatial_preprocess(cfg: PreprocessConfig, keys: tuple[str, ...]) -> list[Transform]:
+    """Orientation and optional resampling, for image (and label) tensors already loaded."""
+    steps: list[Transform] = []
+    if cfg.orientation:
+        axcodes = cfg.orientation[: cfg.spatial_dims]
+        steps.append(Orientationd(keys=list(keys), axcodes=axcodes))
+    if cfg.target_spacing:
+        modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+        steps.append(Spacingd(keys=list(keys), pixdim=cfg.target_spacing, mode=modes))
+    return steps
+
+
+def inference_transform(cfg: PreprocessConfig) -> Compose:
+    """Image-only steps applied to a loaded ``MetaTensor``; invertible, so masks map back exactly."""
+    return Compose([*spatial_preprocess(cfg, ("image",)), *normalization(cfg), EnsureTyped(keys="image")])
+
+
+def preprocess_transform(cfg: PreprocessConfig, pad_to_patch: bool) -> Compose:
+    """Load, orient, resample and normalize a labelled case (the cached part of training)."""
+    steps: list[Transform] = [
+        LoadCased(cfg.spatial_dims, cfg.label_map),
+        *spatial_preprocess(cfg, ("image", "label")),
+        *normalization(cfg),
+    ]
+    if pad_to_patch:
+        steps.append(SpatialPadd(keys=["image", "label"], spatial_size=cfg.patch_size))
+    steps.append(EnsureTyped(keys=["image", "label"], track_meta=False))
+    return Compose(steps)
+
+
+def augment_transform(pre: PreprocessConfig, aug: AugmentConfig) -> Compose:
+    """Random crops (foreground-weighted), affine, elastic, flips and intensity jitter."""
+    keys = ["image", "label"]
+    dims = pre.spatial_dims
+    steps: list[Transform] = [
+        RandCropByPosNegLabeld(
+            keys=keys,
+            label_key="label",
+            spatial_size=pre.patch_size,
+            pos=aug.pos_fraction,
+            neg=1.0 - aug.pos_fraction,
+            num_samples=aug.crop_samples,
+            allow_smaller=False,
+        )
+    ]
+    if aug.rotate_prob > 0 or aug.scale_range > 0:
+        rot = (aug.rotate_range,) * (1 if dims == 2 else 3)
+        steps.append(
+            RandAffined(
+                keys=keys,
+                prob=max(aug.rotate_prob, 0.0),
+                rotate_range=rot,
+                scale_range=(aug.scale_range,) * dims,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            )
+        )
+    if aug.elastic_prob > 0:
+        if dims == 2:
+            steps.append(
+                Rand2DElasticd(keys=keys, spacing=(32, 32), magnitude_range=(1, 3), prob=aug.elastic_prob,
+                               mode=("bilinear", "nearest"), padding_mode="reflection")
+            )
+        else:
+            steps.append(
+                Rand3DElasticd(keys=keys, sigma_range=(5, 7), magnitude_range=(50, 150), prob=aug.elastic_prob,
+                               mode=("bilinear", "nearest"), padding_mode="zeros")
+            )
+    for axis in aug.flip_axes:
+        steps.append(RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=axis))
+    if aug.intensity_prob > 0:
+        steps += [
+            RandScaleIntensityd(keys="image", factors=0.1, prob=aug.intensity_prob),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=aug.intensity_prob),
+            RandGaussianNoised(keys="image", std=0.05, prob=aug.intensity_prob / 2),
+        ]
+    steps.append(EnsureTyped(keys=keys, track_meta=False))
+    return Compose(steps)
+
+
