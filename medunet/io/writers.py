@@ -35,7 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_array(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write ``array`` (``(*S)`` or ``(C, *S)`` for probabilities) with world ``affine`` (RAS, 4x4).
+    """Write ``array`` (``(*S)``, or ``(*S, K)`` for probabilities) with world ``affine`` (RAS).
 
     NIfTI for 3D and 2D; PNG/TIFF for 2D label maps (values must fit in uint8).
     """
@@ -46,8 +46,9 @@ def write_array(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path
             a3 = np.eye(4)
             a3[:2, :2], a3[:2, 3] = affine[:2, :2], affine[:2, 2]
             affine = a3
-        data = np.moveaxis(array, 0, -1) if array.ndim in (3, 4) and _is_channel_first(array, affine) else array
-        img = nib.Nifti1Image(data, affine)
+            if array.ndim == 3:  # (X, Y, K) -> (X, Y, 1, K)
+                array = array[:, :, None]
+        img = nib.Nifti1Image(array, affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
         with atomic_path(path) as tmp:
@@ -63,11 +64,6 @@ def write_array(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path
             Image.fromarray(np.ascontiguousarray(array.T.astype(np.uint8))).save(tmp, format=_pil_format(path))
         return path
     raise InputError(path, f"unsupported output type; use one of {', '.join(NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES)}")
-
-
-def _is_channel_first(array: np.ndarray, affine: np.ndarray) -> bool:
-    spatial = 2 if affine.shape == (3, 3) else 3
-    return array.ndim == spatial + 1
 
 
 def _pil_format(path: Path) -> str:

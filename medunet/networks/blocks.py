@@ -137,3 +137,10 @@ class AttentionGate(nn.Module):
     def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         alpha = self.psi(self.act(self.w_x(skip) + self.w_g(gate)))
         return skip * alpha
+
+
+class PassSkip(nn.Module):
+    """The ungated skip: same call signature as ``AttentionGate``, returns ``skip`` unchanged."""
+
+    def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return skip

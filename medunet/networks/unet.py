@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medunet.config import NetworkConfig
-from medunet.networks.blocks import Act, AttentionGate, ConvBlock, Downsample, Norm, Ops, Upsample, UpBlock
+from medunet.networks.blocks import Act, AttentionGate, ConvBlock, Downsample, Norm, Ops, PassSkip, Upsample, UpBlock
 
 
 class UNet(nn.Module):
@@ -52,28 +52,29 @@ class UNet(nn.Module):
             else:
                 self.encoder.append(block)
 
+        n_decoder = len(feats) - 1
+        self.n_aux = min(cfg.deep_supervision_levels, n_decoder - 1) if cfg.deep_supervision else 0
         self.ups = nn.ModuleList()
         self.gates = nn.ModuleList()
         self.decoder = nn.ModuleList()
-        self.heads = nn.ModuleList()
-        for level in range(len(feats) - 2, -1, -1):
+        self.aux_heads = nn.ModuleList()  # one per decoder level; a conv only where deep supervision reads it
+        for i, level in enumerate(range(len(feats) - 2, -1, -1)):
             c_skip, c_deep = feats[level], feats[level + 1]
             self.ups.append(UpBlock(ops, c_deep, c_skip, up))
             if self.use_attention:
                 self.gates.append(AttentionGate(ops, c_skip, c_skip, max(c_skip // 2, 1), norm))
             else:
-                self.gates.append(nn.Identity())
+                self.gates.append(PassSkip())
             self.decoder.append(ConvBlock(ops, 2 * c_skip, c_skip, norm, act))
-            self.heads.append(ops.conv(c_skip, cfg.out_channels, 1))
-        # heads[-1] is the full-resolution output; the others serve deep supervision only.
-        n_aux = min(cfg.deep_supervision_levels, len(feats) - 2) if cfg.deep_supervision else 0
-        self.n_aux = n_aux
+            is_aux = n_decoder - 1 - self.n_aux <= i < n_decoder - 1
+            self.aux_heads.append(ops.conv(c_skip, cfg.out_channels, 1) if is_aux else nn.Identity())
+        self.head = ops.conv(feats[0], cfg.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input (B, {self.in_channels}, {'H, W' if self.spatial_dims == 2 else 'H, W, D'}), "
-                f"got {tuple(x.shape)}"
+                f"got {list(x.shape)}"
             )
         size = x.shape[2:]
         x = self._pad(x)
@@ -84,15 +85,14 @@ class UNet(nn.Module):
         x = skips.pop()
         outputs: List[torch.Tensor] = []
         n_levels = len(self.decoder)
-        for i, (up, gate, dec, head) in enumerate(zip(self.ups, self.gates, self.decoder, self.heads)):
+        for i, (up, gate, dec, aux_head) in enumerate(zip(self.ups, self.gates, self.decoder, self.aux_heads)):
             skip = skips.pop()
             x = up(x)
-            if self.use_attention:
-                skip = gate(skip, x)
+            skip = gate(skip, x)
             x = dec(torch.cat([skip, x], dim=1))
-            if self.training and i >= n_levels - 1 - self.n_aux and i < n_levels - 1:
-                outputs.append(head(x))
-        out = self._crop(self.heads[-1](x), size)
+            if self.training and n_levels - 1 - self.n_aux <= i < n_levels - 1:
+                outputs.append(aux_head(x))
+        out = self._crop(self.head(x), size)
         if self.training and self.n_aux > 0:
             full = x.shape[2:]
             aux = [

@@ -1,0 +1,3 @@
+from medunet.cli.main import main
+
+main()

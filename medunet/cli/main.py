@@ -1,0 +1,177 @@
+"""The ``medunet`` command: each command parses, builds a request, calls one library function.
+
+Heavy imports (torch, MONAI) happen inside the commands, so ``medunet --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train 2D/3D U-Nets on medical images and segment new scans.")
+
+T = TypeVar("T")
+
+
+def _setup_logging(quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False, console=_stderr())],
+        force=True,
+    )
+    for noisy in ("monai", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def _stderr():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Run a command body; a user error becomes one line on stderr and exit code 1."""
+    from medunet.config import ConfigError
+    from medunet.errors import MedunetError
+
+    try:
+        return fn()
+    except (MedunetError, ConfigError, ValueError) as exc:
+        print(f"medunet: error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        print("medunet: interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML (see configs/).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder for checkpoints and logs.")],
+    epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
+    fold: Annotated[int | None, typer.Option(help="Train fold K of data.folds (patient-wise).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUTPUT/last.pt.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: train.batch_size=4")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Train a network from a config; writes best.pt, last.pt, config.yaml and history.json."""
+    _setup_logging(quiet)
+
+    def body() -> None:
+        import yaml
+
+        from medunet.config import load_config
+        from medunet.training import TrainRequest
+        from medunet.training import train as run_training
+
+        overrides = {}
+        for item in set_ or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            overrides[key] = yaml.safe_load(value)
+        if epochs is not None:
+            overrides["train.epochs"] = epochs
+        if fold is not None:
+            overrides["data.fold"] = fold
+        cfg = load_config(config, overrides)
+        result = run_training(TrainRequest(cfg, output, resume=resume, device=device, progress=not quiet))
+        per_class = "  ".join(f"{k}={v:.4f}" for k, v in result.class_dice.items())
+        print(f"best mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "
+              f"{result.epochs_run} epochs in {result.seconds / 60:.1f} min; model: {result.best_checkpoint}")
+
+    _run(body)
+
+
+@app.command()
+def infer(
+    inputs: Annotated[list[str], typer.Argument(help="Scans: files, DICOM folders, folders of scans; "
+                                                     "channels of one scan joined by commas.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Mask file, or folder for several scans.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (.pt) or model folder.")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID, for a folder holding several series.")] = None,
+    probabilities: Annotated[bool, typer.Option(help="Also write <name>_probs.nii.gz.")] = False,
+    skip_existing: Annotated[bool, typer.Option(help="Skip scans whose mask already exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Segment scans with a trained model; masks carry each input's geometry."""
+    _setup_logging(quiet)
+
+    def body() -> None:
+        from rich.progress import Progress
+
+        from medunet.inference import expand_inputs, load_model, plan_jobs, run_jobs
+        from medunet.training.loop import resolve_device
+
+        seg_model = load_model(model, device=resolve_device(device))
+        jobs = plan_jobs(expand_inputs(inputs), output, seg_model.preprocess.spatial_dims)
+        with Progress(console=_stderr(), transient=True, disable=quiet or len(jobs) < 2) as bar:
+            task = bar.add_task("segmenting", total=len(jobs))
+            result = run_jobs(jobs, seg_model, probabilities=probabilities, series=series,
+                              skip_existing=skip_existing, on_done=lambda _job: bar.advance(task))
+        for path in result.written:
+            print(f"wrote {path}")
+        if result.skipped:
+            print(f"skipped {len(result.skipped)} scan(s) whose mask exists")
+        if result.failed:
+            if len(jobs) == 1:
+                print(f"medunet: error: {result.failed[0][1]}", file=sys.stderr)
+            else:
+                print(f"medunet: error: {len(result.failed)} of {len(jobs)} scans failed", file=sys.stderr)
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted masks.")],
+    label: Annotated[Path, typer.Option("--label", help="Folder of reference labels (same file names).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV per case and class.")],
+    labels: Annotated[str | None, typer.Option(help="Label values to score, e.g. 1,2 (default: all present).")] = None,
+) -> None:
+    """Dice and HD95 per case and class; writes OUTPUT and OUTPUT_summary.csv."""
+    _setup_logging(True)
+
+    def body() -> None:
+        from medunet.evaluation import evaluate_folders
+
+        values = [int(v) for v in labels.split(",")] if labels else None
+        summary = evaluate_folders(pred, label, output, values)
+        for v, s in summary.items():
+            print(f"label {v}: Dice {s['dice_mean']:.4f} ± {s['dice_std']:.4f} (min {s['dice_min']:.4f}), "
+                  f"HD95 {s['hd95_mean']:.2f} mm, n={int(s['n'])}")
+        print(f"wrote {output}")
+
+    _run(body)
+
+
+@app.command()
+def networks() -> None:
+    """List the registered networks."""
+    from medunet.networks import list_networks
+
+    for name in list_networks():
+        print(name)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

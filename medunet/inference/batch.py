@@ -1,0 +1,123 @@
+"""Segmenting many scans: output naming, per-file errors that do not stop the others."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medunet.errors import InputError, MedunetError
+from medunet.inference.model import SegmentationModel
+from medunet.inference.predictor import Segmentation, segment
+from medunet.io import write_array
+from medunet.io.readers import IMAGE_2D_SUFFIXES, NIFTI_SUFFIXES, SUPPORTED, has_suffix
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SUFFIXES = NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Job:
+    """One scan (one file per channel, or a DICOM folder) and where its mask goes."""
+
+    inputs: tuple[Path, ...]
+    output: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.inputs[0])
+
+
+@dataclass
+class BatchResult:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def scan_name(path: Path) -> str:
+    """``case.nii.gz`` -> ``case``; a DICOM folder -> its name."""
+    name = path.name
+    for suffix in SUPPORTED:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[tuple[Path, ...]]:
+    """Each argument is a scan (``a.nii.gz``; several channels as ``flair.nii.gz,t1c.nii.gz``; a DICOM
+    folder) or a folder of scans (image files, or sub-folders that each hold a DICOM series)."""
+    scans: list[tuple[Path, ...]] = []
+    for arg in inputs:
+        parts = tuple(Path(p) for p in arg.split(",") if p)
+        first = parts[0]
+        if len(parts) == 1 and first.is_dir() and _is_folder_of_scans(first):
+            entries = sorted(p for p in first.iterdir() if not p.name.startswith("."))
+            scans += [(p,) for p in entries if p.is_dir() or has_suffix(p, SUPPORTED)]
+        else:
+            scans.append(parts)
+    return scans
+
+
+def _is_folder_of_scans(folder: Path) -> bool:
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return any(p.is_dir() for p in entries) or any(has_suffix(p, SUPPORTED) and not has_suffix(p, (".dcm",))
+                                                   for p in entries)
+
+
+def plan_jobs(scans: Sequence[tuple[Path, ...]], output: Path, spatial_dims: int) -> list[Job]:
+    """One output file for a single scan when ``output`` names a file, else ``output/<scan>.<ext>``."""
+    if len(scans) == 1 and has_suffix(output, OUTPUT_SUFFIXES):
+        return [Job(scans[0], output)]
+    if has_suffix(output, OUTPUT_SUFFIXES):
+        raise InputError(output, f"{len(scans)} scans need an output folder, not a file name")
+    jobs = []
+    for scan in scans:
+        keep_2d = spatial_dims == 2 and has_suffix(scan[0], IMAGE_2D_SUFFIXES)
+        suffix = scan[0].suffix.lower() if keep_2d else ".nii.gz"
+        jobs.append(Job(scan, output / f"{scan_name(scan[0])}{suffix}"))
+    names = [j.output for j in jobs]
+    if len(set(names)) != len(names):
+        raise InputError(output, "two inputs would write the same output name; segment them separately")
+    return jobs
+
+
+def write_segmentation(seg: Segmentation, model: SegmentationModel, output: Path) -> Path:
+    """Write the label map (class indices mapped to the training label values) and, if present,
+    the probabilities beside it as ``<name>_probs.nii.gz``."""
+    values = np.asarray(model.label_values, dtype=np.uint8)
+    write_array(values[seg.labels.numpy()], seg.affine, output)
+    if seg.probabilities is not None:
+        probs = np.moveaxis(seg.probabilities.numpy().astype(np.float32), 0, -1)
+        write_array(probs, seg.affine, output.parent / f"{scan_name(output)}_probs.nii.gz")
+    return output
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    model: SegmentationModel,
+    probabilities: bool = False,
+    series: str | None = None,
+    skip_existing: bool = False,
+    on_done: Callable[[Job], None] | None = None,
+) -> BatchResult:
+    """Segment every job; a bad file is reported and skipped while the others finish."""
+    result = BatchResult()
+    for job in jobs:
+        try:
+            if skip_existing and job.output.exists():
+                result.skipped.append(job.output)
+                continue
+            seg = segment(list(job.inputs), model, probabilities=probabilities, series=series)
+            result.written.append(write_segmentation(seg, model, job.output))
+        except MedunetError as exc:
+            result.failed.append((job.name, str(exc)))
+            log.error("%s", exc)
+        finally:
+            if on_done is not None:
+                on_done(job)
+    return result

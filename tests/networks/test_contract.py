@@ -1,0 +1,97 @@
+"""Contract tests run over every registered network, in 2D and 3D."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from medunet.config import NetworkConfig
+from medunet.networks import AttentionUNet, UNet, create_network, list_networks
+
+CASES = [(name, dims) for name in list_networks() for dims in (2, 3)]
+
+
+def build(name: str, dims: int, **kw) -> torch.nn.Module:
+    return create_network(NetworkConfig(name=name, spatial_dims=dims, in_channels=2, out_channels=3,
+                                        features=(4, 8, 16), **kw))
+
+
+def shape(dims: int, size: int = 16, batch: int = 2) -> tuple[int, ...]:
+    return (batch, 2) + (size,) * dims
+
+
+@pytest.mark.parametrize(("name", "dims"), CASES)
+def test_output_shape_and_backward(name: str, dims: int) -> None:
+    net = build(name, dims)
+    x = torch.randn(shape(dims), requires_grad=True)
+    y = net(x)
+    assert y.shape == (2, 3) + (16,) * dims
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize(("name", "dims"), CASES)
+def test_sizes_not_multiple_of_stride(name: str, dims: int) -> None:
+    net = build(name, dims).eval()
+    size = (13, 10, 7)[:dims]
+    y = net(torch.randn((1, 2, *size)))
+    assert y.shape == (1, 3, *size)
+
+
+@pytest.mark.parametrize(("name", "dims"), CASES)
+def test_wrong_input_refused(name: str, dims: int) -> None:
+    net = build(name, dims)
+    with pytest.raises(ValueError, match="expected input"):
+        net(torch.randn((1, 1) + (16,) * dims))  # one channel, two expected
+    with pytest.raises(ValueError, match="expected input"):
+        net(torch.randn((1, 2) + (16,) * (dims + 1)))
+
+
+@pytest.mark.parametrize(("name", "dims"), CASES)
+def test_state_dict_round_trip(name: str, dims: int) -> None:
+    net, other = build(name, dims).eval(), build(name, dims).eval()
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.randn(shape(dims, batch=1))
+    torch.testing.assert_close(net(x), other(x))
+
+
+@pytest.mark.parametrize(("name", "dims"), CASES)
+def test_torchscript_matches_eager(name: str, dims: int) -> None:
+    net = build(name, dims).eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn((1, 2, *(12, 20, 9)[:dims]))
+    torch.testing.assert_close(scripted(x), net(x))
+
+
+@pytest.mark.parametrize(("name", "dims"), CASES)
+def test_deep_supervision(name: str, dims: int) -> None:
+    net = build(name, dims, deep_supervision=True, deep_supervision_levels=1)
+    y = net(torch.randn(shape(dims)))
+    assert y.shape == (2, 2, 3) + (16,) * dims  # full-resolution head + one auxiliary head
+    net.eval()
+    assert net(torch.randn(shape(dims))).shape == (2, 3) + (16,) * dims
+
+
+def test_attention_gates_only_in_attention_unet() -> None:
+    plain, gated = build("unet", 3), build("attention_unet", 3)
+    assert isinstance(gated, AttentionUNet) and type(plain) is UNet
+    assert not any("gates.0.psi" in k for k in plain.state_dict())
+    assert any("gates.0.psi" in k for k in gated.state_dict())
+
+
+@pytest.mark.parametrize("option", [{"upsample": "interpolate"}, {"downsample": "maxpool"}, {"norm": "batch"},
+                                    {"norm": "group"}, {"act": "relu"}])
+def test_options(option: dict) -> None:
+    net = build("unet", 3, **option)
+    assert net(torch.randn(shape(3))).shape == (2, 3, 16, 16, 16)
+
+
+def test_unknown_network_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="attention_unet, unet"):
+        create_network(NetworkConfig(name="vnet"))
