@@ -46,8 +46,9 @@ def main() -> None:
     for split in ("train", "validation", "test"):
         for case in sorted((brats / split).iterdir()):
             chans = ";".join(rel(case / f) for f in ("Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz"))
-            rows.append([chans, rel(case / "OTMultiClass.nii.gz"), case.name, {"validation": "val"}.get(split, split)])
-    write("brats2015_3d.csv", ["image", "label", "patient_id", "split"], rows)
+            split_name = {"validation": "val"}.get(split, split)
+            rows.append([case.name, chans, rel(case / "OTMultiClass.nii.gz"), case.name, split_name])
+    write("brats2015_3d.csv", ["case_id", "image", "label", "patient_id", "split"], rows)
 
     # One specimen; contiguous blocks of 5 sections stand in for patients, so validation
     # sections are never the direct neighbours of training sections.

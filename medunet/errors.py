@@ -16,3 +16,13 @@ class InputError(MedunetError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+def user_error_in(exc: BaseException) -> MedunetError | None:
+    """The ``MedunetError`` behind ``exc``, if any (MONAI wraps transform errors in ``RuntimeError``)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, MedunetError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -59,19 +59,43 @@ def blob_manifest(tmp_path: Path) -> Path:
 def tiny_config(tmp_path: Path, blob_manifest: Path) -> Path:
     """A 3D config that trains in seconds on the blob manifest."""
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(
-        f"""
+    cfg.write_text(TINY_YAML.format(manifest=blob_manifest.name))
+    return cfg
+
+
+TINY_YAML = """
 name: tiny
-data: {{manifest: {blob_manifest.name}, val_fraction: 0.25, split_seed: 0}}
+data: {{manifest: {manifest}, val_fraction: 0.25, split_seed: 0}}
 preprocess:
   spatial_dims: 3
   label_names: [background, one, two]
   normalization: zscore
   patch_size: [16, 16, 16]
 augment: {{crop_samples: 1, rotate_prob: 0.2, intensity_prob: 0.2}}
-network: {{name: unet, spatial_dims: 3, out_channels: 3, features: [4, 8]}}
+network: {{name: unet, spatial_dims: 3, out_channels: 3, features: [8, 16, 32]}}
 train: {{epochs: 3, batch_size: 2, learning_rate: 0.01, seed: 0}}
-infer: {{overlap: 0.25, sw_batch_size: 1}}
+infer: {{overlap: 0.25, sw_batch_size: 1, roi_size: [96, 96, 32]}}
 """
-    )
-    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3D checkpoint trained for a few epochs on generated blobs (shared by inference tests)."""
+    from medunet.config import load_config
+    from medunet.training import TrainRequest, train
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    rows = ["image,label,patient_id"]
+    for i in range(6):
+        img, lab = make_blob_case(root / "cases", f"c{i}", seed=i)
+        rows.append(f"cases/{img.name},cases/{lab.name},p{i}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    overrides = {"data.manifest": "manifest.csv", "train.epochs": 8, "train.val_every": 8}
+    cfg = load_config(_write_tiny_yaml(root), overrides)
+    return train(TrainRequest(cfg, root / "run", device="cpu", progress=False)).best_checkpoint
+
+
+def _write_tiny_yaml(folder: Path) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(TINY_YAML.format(manifest="manifest.csv"))
+    return path

@@ -44,7 +44,7 @@ def _stderr():  # type: ignore[no-untyped-def]
 def _run(fn: Callable[[], T]) -> T:
     """Run a command body; a user error becomes one line on stderr and exit code 1."""
     from medunet.config import ConfigError
-    from medunet.errors import MedunetError
+    from medunet.errors import MedunetError, user_error_in
 
     try:
         return fn()
@@ -54,6 +54,12 @@ def _run(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         print("medunet: interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
+    except RuntimeError as exc:
+        cause = user_error_in(exc)
+        if cause is None:
+            raise
+        print(f"medunet: error: {cause}", file=sys.stderr)
+        raise typer.Exit(1) from None
 
 
 @app.command()

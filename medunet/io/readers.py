@@ -56,7 +56,7 @@ def choose_reader(path: Path, series: str | None = None) -> ImageReader:
         uid = series or next(iter(found))
         # ITK (GDCM) sorts the slices by their position along the normal, not by file name,
         # and decodes JPEG 2000 transfer syntaxes.
-        return ITKReader(series_name=uid, reverse_indexing=True)
+        return ITKReader(series_name=uid)
     if has_suffix(path, NIFTI_SUFFIXES):
         return NibabelReader()
     if has_suffix(path, ITK_SUFFIXES):

@@ -107,7 +107,8 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
     augment = augment_transform(pre, cfg.augment)
     train_ds = CacheDataset(
         [c.as_item() for c in train_cases],
-        Compose([preprocess_transform(pre, pad_to_patch=True), augment]),
+        # flattened so the dataset caches every deterministic step (a nested Compose counts as random)
+        Compose([preprocess_transform(pre, pad_to_patch=True), augment]).flatten(),
         num_workers=None, progress=False, copy_cache=False,
     )
     val_ds = CacheDataset([c.as_item() for c in val_cases], preprocess_transform(pre, pad_to_patch=False),
@@ -159,7 +160,7 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            losses.append(float(loss))
+            losses.append(loss.item())
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
         last_epoch = epoch + 1 == tc.epochs or _out_of_time(tc.time_limit_minutes, t0)
         if (epoch + 1) % tc.val_every == 0 or last_epoch:

@@ -1,0 +1,105 @@
+"""Reading real scans of every supported format, with their geometry."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from medunet.errors import InputError
+from medunet.io import list_dicom_series, load_image
+
+
+def test_dicom_series_jpeg2000_matches_reference_nifti(data_dir: Path) -> None:
+    series = data_dir / "totalseg_examples" / "example_ct_dicom"
+    img = load_image(series, spatial_dims=3)
+    ref = load_image(data_dir / "totalseg_examples" / "derived" / "example_ct_dicom.nii.gz", spatial_dims=3)
+    assert img.shape == (1, 512, 512, 20)
+    np.testing.assert_allclose(img.pixdim, [0.9765625, 0.9765625, 2.0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(img.affine), np.asarray(ref.affine), atol=1e-3)
+    np.testing.assert_array_equal(img.numpy(), ref.numpy())  # JPEG 2000 lossless decodes to the same HU
+    assert float(img.min()) == -1024.0
+
+
+def test_dicom_slices_ordered_by_position_not_name(data_dir: Path, tmp_path: Path) -> None:
+    src = sorted((data_dir / "totalseg_examples" / "example_ct_dicom").iterdir())
+    names = [f"{i:03d}.dcm" for i in range(len(src))]
+    random.Random(0).shuffle(names)
+    for f, name in zip(src, names, strict=True):
+        shutil.copy(f, tmp_path / name)
+    shuffled = load_image(tmp_path, spatial_dims=3)
+    original = load_image(src[0].parent, spatial_dims=3)
+    np.testing.assert_array_equal(shuffled.numpy(), original.numpy())
+
+
+def test_folder_with_two_series_needs_a_choice(data_dir: Path, tmp_path: Path) -> None:
+    src = sorted((data_dir / "totalseg_examples" / "example_ct_dicom").iterdir())[:4]
+    new_uid = pydicom.uid.generate_uid()
+    for i, f in enumerate(src):
+        shutil.copy(f, tmp_path / f"a{i}.dcm")
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = new_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(tmp_path / f"b{i}.dcm")
+    found = list_dicom_series(tmp_path)
+    assert len(found) == 2 and found[new_uid] == 4
+    with pytest.raises(InputError, match="2 DICOM series; pick one with --series"):
+        load_image(tmp_path, spatial_dims=3)
+    img = load_image(tmp_path, spatial_dims=3, series=new_uid)
+    assert img.shape == (1, 512, 512, 4)
+    with pytest.raises(InputError, match="no DICOM series 1.2.3"):
+        load_image(tmp_path, spatial_dims=3, series="1.2.3")
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "spacing"),
+    [
+        ("brain1_image.nrrd", (256, 256, 25), (0.78125, 0.78125, 6.5)),
+        ("breast1_image.nrrd", (45, 120, 21), (0.664, 0.664, 2.1)),
+        ("prostate_phantom_subvolume.nrrd", (82, 67, 13), (0.5, 0.5, 3.0)),
+    ],
+)
+def test_nrrd_cases_keep_spacing(data_dir: Path, name: str, shape: tuple, spacing: tuple) -> None:
+    path = data_dir / "pyradiomics_cases" / name
+    img = load_image(path, spatial_dims=3)
+    assert img.shape[1:] == shape
+    np.testing.assert_allclose(img.pixdim, spacing, atol=2e-3)
+    itk = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(img.pixdim, itk.GetSpacing(), atol=1e-6)
+
+
+def test_brats_two_channels(data_dir: Path) -> None:
+    case = data_dir / "brats2015_deepmedic" / "test" / "brats_2013_pat0001_1"
+    img = load_image([case / "Flair_subtrMeanDivStd.nii.gz", case / "T1c_subtrMeanDivStd.nii.gz"], spatial_dims=3)
+    assert img.shape == (2, 240, 240, 155)
+    np.testing.assert_allclose(img.pixdim, (1, 1, 1))
+
+
+def test_png_is_2d(data_dir: Path) -> None:
+    img = load_image(data_dir / "isbi2012_membrane" / "train" / "image" / "0.png", spatial_dims=2)
+    assert img.shape == (1, 512, 512)
+
+
+def test_4d_image_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dwi.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), str(path))
+    with pytest.raises(InputError, match=r"dwi\.nii\.gz: expected a 3D image, got 4D"):
+        load_image(path, spatial_dims=3)
+
+
+def test_unreadable_and_missing(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(InputError, match=r"broken\.nii\.gz: cannot be read"):
+        load_image(bad, spatial_dims=3)
+    with pytest.raises(InputError, match="no such file"):
+        load_image(tmp_path / "nope.nii.gz")
+    with pytest.raises(InputError, match="unsupported file type"):
+        (tmp_path / "x.txt").write_text("x")
+        load_image(tmp_path / "x.txt")
