@@ -13,8 +13,12 @@ from typing import Annotated, TypeVar
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train 2D/3D U-Nets on medical images and segment new scans.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train 2D/3D U-Nets on medical images and segment new scans.",
+)
 
 T = TypeVar("T")
 
@@ -28,8 +32,8 @@ def _setup_logging(quiet: bool) -> None:
         handlers=[RichHandler(show_path=False, show_time=False, console=_stderr())],
         force=True,
     )
-    for noisy in ("monai", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("monai", "matplotlib", "PIL"):  # MONAI warns on every DICOM read about optional GPU codecs
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -96,16 +100,20 @@ def train(
         cfg = load_config(config, overrides)
         result = run_training(TrainRequest(cfg, output, resume=resume, device=device, progress=not quiet))
         per_class = "  ".join(f"{k}={v:.4f}" for k, v in result.class_dice.items())
-        print(f"best mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "
-              f"{result.epochs_run} epochs in {result.seconds / 60:.1f} min; model: {result.best_checkpoint}")
+        print(
+            f"best mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "
+            f"{result.epochs_run} epochs in {result.seconds / 60:.1f} min; model: {result.best_checkpoint}"
+        )
 
     _run(body)
 
 
 @app.command()
 def infer(
-    inputs: Annotated[list[str], typer.Argument(help="Scans: files, DICOM folders, folders of scans; "
-                                                     "channels of one scan joined by commas.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Scans: files, DICOM folders, folders of scans; channels of one scan joined by commas."),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Mask file, or folder for several scans.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (.pt) or model folder.")],
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
@@ -127,8 +135,14 @@ def infer(
         jobs = plan_jobs(expand_inputs(inputs), output, seg_model.preprocess.spatial_dims)
         with Progress(console=_stderr(), transient=True, disable=quiet or len(jobs) < 2) as bar:
             task = bar.add_task("segmenting", total=len(jobs))
-            result = run_jobs(jobs, seg_model, probabilities=probabilities, series=series,
-                              skip_existing=skip_existing, on_done=lambda _job: bar.advance(task))
+            result = run_jobs(
+                jobs,
+                seg_model,
+                probabilities=probabilities,
+                series=series,
+                skip_existing=skip_existing,
+                on_done=lambda _job: bar.advance(task),
+            )
         for path in result.written:
             print(f"wrote {path}")
         if result.skipped:
@@ -159,8 +173,10 @@ def evaluate(
         values = [int(v) for v in labels.split(",")] if labels else None
         summary = evaluate_folders(pred, label, output, values)
         for v, s in summary.items():
-            print(f"label {v}: Dice {s['dice_mean']:.4f} ± {s['dice_std']:.4f} (min {s['dice_min']:.4f}), "
-                  f"HD95 {s['hd95_mean']:.2f} mm, n={int(s['n'])}")
+            print(
+                f"label {v}: Dice {s['dice_mean']:.4f} ± {s['dice_std']:.4f} (min {s['dice_min']:.4f}), "
+                f"HD95 {s['hd95_mean']:.2f} mm, n={int(s['n'])}"
+            )
         print(f"wrote {output}")
 
     _run(body)

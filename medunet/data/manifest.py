@@ -25,9 +25,18 @@ class Case:
     split: str | None = None
     slice_index: int | None = None
 
+    @property
+    def volume_id(self) -> str:
+        """The scan a case comes from: slices of one volume share it."""
+        return _case_id(self.images[0], None) if self.slice_index is not None else self.case_id
+
     def as_item(self) -> dict[str, object]:
         """The dictionary a MONAI dataset consumes."""
-        item: dict[str, object] = {"image": [str(p) for p in self.images], "case_id": self.case_id}
+        item: dict[str, object] = {
+            "image": [str(p) for p in self.images],
+            "case_id": self.case_id,
+            "volume_id": self.volume_id,
+        }
         if self.label is not None:
             item["label"] = str(self.label)
         if self.slice_index is not None:
@@ -64,9 +73,7 @@ def read_manifest(path: str | Path) -> list[Case]:
         if case_id in seen:
             raise InputError(path, f"line {line}: duplicate case {case_id}")
         seen.add(case_id)
-        cases.append(
-            Case(case_id, images, label, row["patient_id"].strip(), row.get("split") or None, slice_index)
-        )
+        cases.append(Case(case_id, images, label, row["patient_id"].strip(), row.get("split") or None, slice_index))
     return cases
 
 

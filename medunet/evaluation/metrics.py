@@ -31,3 +31,22 @@ def hd95_per_class(
     p, t = _one_hot(pred, num_classes), _one_hot(label, num_classes)
     hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=spacing)
     return hd[0].cpu().numpy().astype(np.float64)
+
+
+def overlap_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
+    """``(K-1, 3)`` counts of (intersection, predicted, reference) voxels for classes ``1..K-1``.
+
+    Sums of these over the slices of a volume give the volume's Dice (``dice_from_counts``).
+    """
+    counts = np.zeros((num_classes - 1, 3), dtype=np.int64)
+    for k in range(1, num_classes):
+        p, t = pred == k, label == k
+        counts[k - 1] = (int((p & t).sum()), int(p.sum()), int(t.sum()))
+    return counts
+
+
+def dice_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Dice per class from ``overlap_counts``; a class absent from both scores 1."""
+    inter, p, t = counts[:, 0], counts[:, 1], counts[:, 2]
+    denom = p + t
+    return np.where(denom > 0, 2.0 * inter / np.maximum(denom, 1), 1.0)

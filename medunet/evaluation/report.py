@@ -61,7 +61,9 @@ def score_case(pred_path: Path, label_path: Path, labels: list[int] | None = Non
     return scores
 
 
-def evaluate_folders(pred_dir: Path, label_dir: Path, output: Path, labels: list[int] | None = None) -> dict[int, dict[str, float]]:
+def evaluate_folders(
+    pred_dir: Path, label_dir: Path, output: Path, labels: list[int] | None = None
+) -> dict[int, dict[str, float]]:
     """Score every prediction, write ``output`` (per case and class) and ``<output>_summary.csv``.
 
     Returns ``{label: {"dice_mean", "dice_std", "hd95_mean", "n"}}``.
@@ -87,6 +89,14 @@ def evaluate_folders(pred_dir: Path, label_dir: Path, output: Path, labels: list
         w = csv.writer(fh)
         w.writerow(["label", "n", "dice_mean", "dice_std", "dice_min", "hd95_mean_mm"])
         for v, s in summary.items():
-            w.writerow([v, int(s["n"]), f"{s['dice_mean']:.4f}", f"{s['dice_std']:.4f}", f"{s['dice_min']:.4f}",
-                        f"{s['hd95_mean']:.3f}"])
+            w.writerow(
+                [
+                    v,
+                    int(s["n"]),
+                    f"{s['dice_mean']:.4f}",
+                    f"{s['dice_std']:.4f}",
+                    f"{s['dice_min']:.4f}",
+                    f"{s['hd95_mean']:.3f}",
+                ]
+            )
     return summary

@@ -65,8 +65,9 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple[Path, ...]]:
 
 def _is_folder_of_scans(folder: Path) -> bool:
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    return any(p.is_dir() for p in entries) or any(has_suffix(p, SUPPORTED) and not has_suffix(p, (".dcm",))
-                                                   for p in entries)
+    return any(p.is_dir() for p in entries) or any(
+        has_suffix(p, SUPPORTED) and not has_suffix(p, (".dcm",)) for p in entries
+    )
 
 
 def plan_jobs(scans: Sequence[tuple[Path, ...]], output: Path, spatial_dims: int) -> list[Job]:

@@ -53,7 +53,10 @@ def segment_image(
 
 
 def segment(
-    image: str | Path | MetaTensor, model: SegmentationModel, probabilities: bool = False, series: str | None = None
+    image: str | Path | list[Path] | MetaTensor,
+    model: SegmentationModel,
+    probabilities: bool = False,
+    series: str | None = None,
 ) -> Segmentation:
     """Segment a file, a DICOM series folder or a loaded image with ``model``."""
     if not isinstance(image, MetaTensor):

@@ -7,6 +7,7 @@ keeps it) places the voxels in the world; that affine is what the written mask c
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,14 +68,14 @@ def choose_reader(path: Path, series: str | None = None) -> ImageReader:
 
 
 def load_image(
-    paths: str | Path | list[str | Path], spatial_dims: int | None = None, series: str | None = None
+    paths: str | Path | Sequence[str | Path], spatial_dims: int | None = None, series: str | None = None
 ) -> MetaTensor:
     """Read one image (one file per channel) as a channel-first ``MetaTensor`` ``(C, *S)``.
 
     Raises ``InputError`` naming the file for a missing or unreadable file and for an image whose
     dimensionality is not ``spatial_dims``.
     """
-    files = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    files = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
     channels = []
     for path in files:
         if not path.exists():
@@ -91,7 +92,9 @@ def load_image(
     first = channels[0]
     for path, img in zip(files[1:], channels[1:], strict=True):
         if img.shape != first.shape or not np.allclose(img.affine, first.affine, atol=1e-3):
-            raise InputError(path, f"channel geometry {tuple(img.shape)} does not match {files[0]} {tuple(first.shape)}")
+            raise InputError(
+                path, f"channel geometry {tuple(img.shape)} does not match {files[0]} {tuple(first.shape)}"
+            )
     data = torch.stack([c.as_tensor() for c in channels]).float()
     out = MetaTensor(data, affine=first.affine, meta=dict(first.meta))
     out.meta["filename_or_obj"] = str(files[0])
@@ -103,7 +106,7 @@ def _squeeze_to(img: MetaTensor, path: Path, spatial_dims: int | None) -> MetaTe
     shape = tuple(img.shape)
     if spatial_dims is not None:
         while img.ndim > spatial_dims and img.shape[-1] == 1:
-            img = img[..., 0]
+            img = img[..., 0]  # type: ignore[assignment]
         if img.ndim == spatial_dims + 1 and spatial_dims == 2 and img.shape[-1] in (3, 4):
             raise InputError(path, f"colour image {shape}; convert it to one grey channel")
         if img.ndim != spatial_dims:

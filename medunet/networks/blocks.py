@@ -59,6 +59,7 @@ class Ops:
         return "bilinear" if self.spatial_dims == 2 else "trilinear"
 
     def norm(self, kind: Norm, channels: int) -> nn.Module:
+        cls: type[nn.Module]
         if kind is Norm.INSTANCE:
             cls = nn.InstanceNorm2d if self.spatial_dims == 2 else nn.InstanceNorm3d
             return cls(channels, affine=True)

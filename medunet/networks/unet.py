@@ -8,13 +8,11 @@ and the output is cropped back, so ``forward`` maps ``(B, C_in, *S) -> (B, C_out
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 from torch import nn
 
 from medunet.config import NetworkConfig
-from medunet.networks.blocks import Act, AttentionGate, ConvBlock, Downsample, Norm, Ops, PassSkip, Upsample, UpBlock
+from medunet.networks.blocks import Act, AttentionGate, ConvBlock, Downsample, Norm, Ops, PassSkip, UpBlock, Upsample
 
 
 class UNet(nn.Module):
@@ -76,16 +74,16 @@ class UNet(nn.Module):
                 f"expected input (B, {self.in_channels}, {'H, W' if self.spatial_dims == 2 else 'H, W, D'}), "
                 f"got {list(x.shape)}"
             )
-        size = x.shape[2:]
+        size: list[int] = list(x.shape[2:])
         x = self._pad(x)
-        skips: List[torch.Tensor] = []
+        skips: list[torch.Tensor] = []
         for enc in self.encoder:
             x = enc(x)
             skips.append(x)
         x = skips.pop()
-        outputs: List[torch.Tensor] = []
+        outputs: list[torch.Tensor] = []
         n_levels = len(self.decoder)
-        for i, (up, gate, dec, aux_head) in enumerate(zip(self.ups, self.gates, self.decoder, self.aux_heads)):
+        for i, (up, gate, dec, aux_head) in enumerate(zip(self.ups, self.gates, self.decoder, self.aux_heads)):  # noqa: B905 (TorchScript)
             skip = skips.pop()
             x = up(x)
             skip = gate(skip, x)
@@ -96,21 +94,20 @@ class UNet(nn.Module):
         if self.training and self.n_aux > 0:
             full = x.shape[2:]
             aux = [
-                self._crop(nn.functional.interpolate(o, size=full, mode=self.interp_mode), size)
-                for o in outputs[::-1]
+                self._crop(nn.functional.interpolate(o, size=full, mode=self.interp_mode), size) for o in outputs[::-1]
             ]
-            return torch.stack([out] + aux, dim=1)
+            return torch.stack([out] + aux, dim=1)  # noqa: RUF005 (TorchScript has no list unpacking)
         return out
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        pad: List[int] = []
+        pad: list[int] = []
         for s in x.shape[2:][::-1]:
             pad += [0, (self.stride - s % self.stride) % self.stride]
         if sum(pad) == 0:
             return x
         return nn.functional.pad(x, pad)
 
-    def _crop(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    def _crop(self, x: torch.Tensor, size: list[int]) -> torch.Tensor:
         if self.spatial_dims == 2:
             return x[:, :, : size[0], : size[1]]
         return x[:, :, : size[0], : size[1], : size[2]]

@@ -27,7 +27,7 @@ from torch import nn
 
 from medunet.config import ExperimentConfig, to_dict
 from medunet.data import Case, kfold_by_patient, read_manifest, split_by_patient
-from medunet.evaluation import dice_per_class
+from medunet.evaluation import dice_from_counts, overlap_counts
 from medunet.io import load_checkpoint, save_checkpoint
 from medunet.io.writers import atomic_path
 from medunet.networks import create_network
@@ -100,8 +100,13 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
     _write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     split = {"train": [c.case_id for c in train_cases], "val": [c.case_id for c in val_cases]}
     _write_text(out / "split.json", json.dumps(split, indent=1))
-    log.info("%d training and %d validation cases (%d/%d patients)", len(train_cases), len(val_cases),
-             len({c.patient_id for c in train_cases}), len({c.patient_id for c in val_cases}))
+    log.info(
+        "%d training and %d validation cases (%d/%d patients)",
+        len(train_cases),
+        len(val_cases),
+        len({c.patient_id for c in train_cases}),
+        len({c.patient_id for c in val_cases}),
+    )
 
     pre = cfg.preprocess
     augment = augment_transform(pre, cfg.augment)
@@ -109,19 +114,31 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
         [c.as_item() for c in train_cases],
         # flattened so the dataset caches every deterministic step (a nested Compose counts as random)
         Compose([preprocess_transform(pre, pad_to_patch=True), augment]).flatten(),
-        num_workers=None, progress=False, copy_cache=False,
+        num_workers=None,
+        progress=False,
+        copy_cache=False,
     )
-    val_ds = CacheDataset([c.as_item() for c in val_cases], preprocess_transform(pre, pad_to_patch=False),
-                          num_workers=None, progress=False)
+    val_ds = CacheDataset(
+        [c.as_item() for c in val_cases],
+        preprocess_transform(pre, pad_to_patch=False),
+        num_workers=None,
+        progress=False,
+    )
     generator = torch.Generator()
-    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, drop_last=len(train_ds) > tc.batch_size,
-                        num_workers=tc.num_workers, generator=generator, persistent_workers=tc.num_workers > 0)
+    loader = DataLoader(
+        train_ds,
+        batch_size=tc.batch_size,
+        shuffle=True,
+        drop_last=len(train_ds) > tc.batch_size,
+        num_workers=tc.num_workers,
+        generator=generator,
+        persistent_workers=tc.num_workers > 0,
+    )
 
     model = create_network(cfg.network).to(device)
     optimizer = make_optimizer(tc, model)
-    loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    if cfg.network.deep_supervision:
-        loss_fn = DeepSupervisionLoss(loss_fn, weight_mode="exp")
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    loss_fn: nn.Module = DeepSupervisionLoss(dice_ce, weight_mode="exp") if cfg.network.deep_supervision else dice_ce
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -207,19 +224,24 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
 
 @torch.no_grad()
 def validate(model: nn.Module, dataset: CacheDataset, cfg: ExperimentConfig, device: torch.device) -> np.ndarray:
-    """Mean Dice per foreground class over whole validation volumes (sliding window, Gaussian)."""
+    """Mean Dice per foreground class over validation volumes (sliding window, Gaussian blending).
+
+    Slices of one volume (a 2D view of 3D scans) are pooled, so the Dice is that of the volume.
+    """
     model.eval()
     roi = cfg.infer.roi_size or cfg.preprocess.patch_size
-    scores = []
+    counts: dict[str, np.ndarray] = {}
     for i in range(len(dataset)):
         item = dataset[i]
         image = item["image"][None].to(device)
-        logits = sliding_window_inference(image, roi, cfg.infer.sw_batch_size, model, overlap=cfg.infer.overlap,
-                                          mode=cfg.infer.mode)
+        logits = sliding_window_inference(
+            image, roi, cfg.infer.sw_batch_size, model, overlap=cfg.infer.overlap, mode=cfg.infer.mode
+        )
         pred = torch.as_tensor(logits).argmax(1)[0].cpu()
-        scores.append(dice_per_class(pred, item["label"][0].cpu(), cfg.preprocess.num_classes))
+        c = overlap_counts(pred, item["label"][0].cpu(), cfg.preprocess.num_classes)
+        counts[item["volume_id"]] = counts.get(item["volume_id"], 0) + c
     model.train()
-    return np.mean(scores, axis=0)
+    return np.mean([dice_from_counts(c) for c in counts.values()], axis=0)
 
 
 def _out_of_time(limit_minutes: float | None, t0: float) -> bool:

@@ -65,13 +65,13 @@ class LoadCased(MapTransform):
         return d
 
     def _map_labels(self, label: MetaTensor, path: str) -> MetaTensor:
-        values = torch.round(label)
+        values = torch.round(label.as_tensor())
         if self.label_map:
-            out = torch.full_like(values, -1)
+            mapped = torch.full_like(values, -1)
             for file_value, index in self.label_map.items():
-                out[values == file_value] = index
-            if (out < 0).any():
+                mapped[values == file_value] = index
+            if (mapped < 0).any():
                 found = sorted(int(v) for v in torch.unique(values).tolist())
                 raise InputError(path, f"label values {found} are not all in label_map {sorted(self.label_map)}")
-            values = out
-        return values.to(torch.uint8) if isinstance(values, MetaTensor) else MetaTensor(values.to(torch.uint8))
+            values = mapped
+        return MetaTensor(values.to(torch.uint8), affine=label.affine, meta=dict(label.meta))

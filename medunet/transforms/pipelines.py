@@ -6,8 +6,6 @@ random part applied every time a training case is drawn.
 
 from __future__ import annotations
 
-
-
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -41,8 +39,9 @@ def normalization(cfg: PreprocessConfig, key: str = "image") -> list[Transform]:
         return [ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
     if cfg.normalization is Normalization.PERCENTILE:
         return [
-            ScaleIntensityRangePercentilesd(keys=key, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True,
-                                            channel_wise=True)
+            ScaleIntensityRangePercentilesd(
+                keys=key, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
+            )
         ]
     return []
 
@@ -107,13 +106,25 @@ def augment_transform(pre: PreprocessConfig, aug: AugmentConfig) -> Compose:
     if aug.elastic_prob > 0:
         if dims == 2:
             steps.append(
-                Rand2DElasticd(keys=keys, spacing=(32, 32), magnitude_range=(1, 3), prob=aug.elastic_prob,
-                               mode=("bilinear", "nearest"), padding_mode="reflection")
+                Rand2DElasticd(
+                    keys=keys,
+                    spacing=(32, 32),
+                    magnitude_range=(1, 3),
+                    prob=aug.elastic_prob,
+                    mode=("bilinear", "nearest"),
+                    padding_mode="reflection",
+                )
             )
         else:
             steps.append(
-                Rand3DElasticd(keys=keys, sigma_range=(5, 7), magnitude_range=(50, 150), prob=aug.elastic_prob,
-                               mode=("bilinear", "nearest"), padding_mode="zeros")
+                Rand3DElasticd(
+                    keys=keys,
+                    sigma_range=(5, 7),
+                    magnitude_range=(50, 150),
+                    prob=aug.elastic_prob,
+                    mode=("bilinear", "nearest"),
+                    padding_mode="zeros",
+                )
             )
     for axis in aug.flip_axes:
         steps.append(RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=axis))
@@ -125,5 +136,3 @@ def augment_transform(pre: PreprocessConfig, aug: AugmentConfig) -> Compose:
         ]
     steps.append(EnsureTyped(keys=keys, track_meta=False))
     return Compose(steps)
-
-

@@ -13,8 +13,9 @@ from tests.conftest import make_blob_case
 
 
 def medunet(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "medunet", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "medunet", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
@@ -29,8 +30,9 @@ def test_infer_writes_mask_and_errors_are_one_line(tiny_model: Path, tmp_path: P
     assert f"wrote {out}" in ok.stdout
     assert nib.load(out).shape == nib.load(img).shape
 
-    missing = medunet("infer", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "m2.nii.gz"),
-                      "--model", str(tiny_model), "-q")
+    missing = medunet(
+        "infer", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "m2.nii.gz"), "--model", str(tiny_model), "-q"
+    )
     assert missing.returncode == 1
     assert error_lines(missing) == [f"medunet: error: {tmp_path / 'nope.nii.gz'}: no such file or folder"]
     assert "Traceback" not in missing.stderr and not (tmp_path / "m2.nii.gz").exists()
@@ -49,15 +51,16 @@ def test_infer_writes_mask_and_errors_are_one_line(tiny_model: Path, tmp_path: P
 
 def test_train_refuses_label_with_other_geometry(tmp_path: Path, tiny_config: Path) -> None:
     cases = tmp_path / "cases"
-    img, lab = make_blob_case(cases, "c0", seed=0)
+    _, lab = make_blob_case(cases, "c0", seed=0)
     nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), str(lab))
     manifest = tmp_path / "manifest.csv"
     text = manifest.read_text().splitlines()
     manifest.write_text("\n".join(text) + "\n")
     proc = medunet("train", "--config", str(tiny_config), "--output", str(tmp_path / "run"), "-q")
     assert proc.returncode == 1
-    assert error_lines(proc) == [f"medunet: error: {lab}: label shape (10, 10, 10) does not match image shape "
-                                 "(24, 28, 20)"]
+    assert error_lines(proc) == [
+        f"medunet: error: {lab}: label shape (10, 10, 10) does not match image shape (24, 28, 20)"
+    ]
     assert not (tmp_path / "run" / "best.pt").exists()
 
 

@@ -45,8 +45,11 @@ def test_folds_partition_patients() -> None:
 
 
 def test_explicit_split_column_wins_and_is_checked() -> None:
-    cs = [Case("a", (Path("a"),), None, "p1", "train"), Case("b", (Path("b"),), None, "p2", "val"),
-          Case("c", (Path("c"),), None, "p3", "test")]
+    cs = [
+        Case("a", (Path("a"),), None, "p1", "train"),
+        Case("b", (Path("b"),), None, "p2", "val"),
+        Case("c", (Path("c"),), None, "p3", "test"),
+    ]
     train, val = split_by_patient(cs, 0.5, 0)
     assert [c.case_id for c in train] == ["a"] and [c.case_id for c in val] == ["b"]
     bad = [*cs, Case("d", (Path("d"),), None, "p1", "val")]
@@ -61,8 +64,10 @@ def test_bad_arguments() -> None:
         kfold_by_patient(cases(3), 5, 0, 0)
 
 
-@pytest.mark.parametrize("manifest", ["msd_hippocampus_3d.csv", "msd_hippocampus_2d_slices.csv",
-                                      "brats2015_3d.csv", "isbi2012_membrane_2d.csv"])
+@pytest.mark.parametrize(
+    "manifest",
+    ["msd_hippocampus_3d.csv", "msd_hippocampus_2d_slices.csv", "brats2015_3d.csv", "isbi2012_membrane_2d.csv"],
+)
 def test_shipped_manifests_split_by_patient(manifest: str, data_dir: Path) -> None:
     cs = read_manifest(REPO / "data_manifests" / manifest)
     train, val = split_by_patient(cs, 0.2, seed=0)
@@ -74,7 +79,7 @@ def test_slice_view_keeps_patient_ids(data_dir: Path) -> None:
     cs = read_manifest(REPO / "data_manifests" / "msd_hippocampus_2d_slices.csv")
     assert all(c.slice_index is not None for c in cs)
     assert len(patients(cs)) == 200
-    train, val = split_by_patient(cs, 0.2, seed=0)
+    _, val = split_by_patient(cs, 0.2, seed=0)
     assert len(patients(val)) == 40 and len(val) > 1000
 
 

@@ -53,7 +53,7 @@ def test_folder_with_two_series_needs_a_choice(data_dir: Path, tmp_path: Path) -
         load_image(tmp_path, spatial_dims=3)
     img = load_image(tmp_path, spatial_dims=3, series=new_uid)
     assert img.shape == (1, 512, 512, 4)
-    with pytest.raises(InputError, match="no DICOM series 1.2.3"):
+    with pytest.raises(InputError, match=r"no DICOM series 1\.2\.3"):
         load_image(tmp_path, spatial_dims=3, series="1.2.3")
 
 

@@ -14,8 +14,9 @@ CASES = [(name, dims) for name in list_networks() for dims in (2, 3)]
 
 
 def build(name: str, dims: int, **kw) -> torch.nn.Module:
-    return create_network(NetworkConfig(name=name, spatial_dims=dims, in_channels=2, out_channels=3,
-                                        features=(4, 8, 16), **kw))
+    return create_network(
+        NetworkConfig(name=name, spatial_dims=dims, in_channels=2, out_channels=3, features=(4, 8, 16), **kw)
+    )
 
 
 def shape(dims: int, size: int = 16, batch: int = 2) -> tuple[int, ...]:
@@ -85,8 +86,10 @@ def test_attention_gates_only_in_attention_unet() -> None:
     assert any("gates.0.psi" in k for k in gated.state_dict())
 
 
-@pytest.mark.parametrize("option", [{"upsample": "interpolate"}, {"downsample": "maxpool"}, {"norm": "batch"},
-                                    {"norm": "group"}, {"act": "relu"}])
+@pytest.mark.parametrize(
+    "option",
+    [{"upsample": "interpolate"}, {"downsample": "maxpool"}, {"norm": "batch"}, {"norm": "group"}, {"act": "relu"}],
+)
 def test_options(option: dict) -> None:
     net = build("unet", 3, **option)
     assert net(torch.randn(shape(3))).shape == (2, 3, 16, 16, 16)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv (see setup.sh) and run the test suite. Real data is read from ../shared/data
+# (override with MEDUNET_TEST_DATA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m pytest "$@"
