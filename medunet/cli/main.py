@@ -175,7 +175,7 @@ def evaluate(
         for v, s in summary.items():
             print(
                 f"label {v}: Dice {s['dice_mean']:.4f} ± {s['dice_std']:.4f} (min {s['dice_min']:.4f}), "
-                f"HD95 {s['hd95_mean']:.2f} mm, n={int(s['n'])}"
+                f"HD95 {s['hd95_mean']:.2f} mm, pixel error {s['pixel_error']:.4f}, n={int(s['n'])}"
             )
         print(f"wrote {output}")
 

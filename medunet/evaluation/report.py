@@ -23,6 +23,7 @@ class CaseScore:
     label: int
     dice: float
     hd95: float
+    pixel_error: float  # share of voxels whose label differs, whatever the class
 
 
 def pair_files(pred_dir: Path, label_dir: Path) -> list[tuple[Path, Path]]:
@@ -52,12 +53,13 @@ def score_case(pred_path: Path, label_path: Path, labels: list[int] | None = Non
     p, r = torch.round(pred[0]).long(), torch.round(ref[0]).long()
     values = labels or sorted(int(v) for v in torch.unique(torch.cat([p.flatten(), r.flatten()])) if v != 0)
     spacing = [float(s) for s in pred.pixdim[: p.dim()]]
+    error = float((p != r).float().mean())
     scores = []
     for v in values:
         pv, rv = (p == v).to(torch.uint8), (r == v).to(torch.uint8)
         dice = float(dice_per_class(pv, rv, 2)[0])
         hd = float(hd95_per_class(pv, rv, 2, spacing)[0]) if pv.any() and rv.any() else math.nan
-        scores.append(CaseScore(pred_path.name, v, dice, hd))
+        scores.append(CaseScore(pred_path.name, v, dice, hd, error))
     return scores
 
 
@@ -71,8 +73,8 @@ def evaluate_folders(
     scores = [s for pred, ref in pair_files(pred_dir, label_dir) for s in score_case(pred, ref, labels)]
     with atomic_path(output) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["case", "label", "dice", "hd95_mm"])
-        w.writerows([s.case, s.label, f"{s.dice:.4f}", f"{s.hd95:.3f}"] for s in scores)
+        w.writerow(["case", "label", "dice", "hd95_mm", "pixel_error"])
+        w.writerows([s.case, s.label, f"{s.dice:.4f}", f"{s.hd95:.3f}", f"{s.pixel_error:.5f}"] for s in scores)
     summary: dict[int, dict[str, float]] = {}
     for v in sorted({s.label for s in scores}):
         dice = np.array([s.dice for s in scores if s.label == v])
@@ -82,12 +84,13 @@ def evaluate_folders(
             "dice_std": float(dice.std()),
             "dice_min": float(dice.min()),
             "hd95_mean": float(np.nanmean(hd)) if np.isfinite(hd).any() else math.nan,
+            "pixel_error": float(np.mean([s.pixel_error for s in scores if s.label == v])),
             "n": float(len(dice)),
         }
     summary_path = output.with_name(output.stem + "_summary.csv")
     with atomic_path(summary_path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["label", "n", "dice_mean", "dice_std", "dice_min", "hd95_mean_mm"])
+        w.writerow(["label", "n", "dice_mean", "dice_std", "dice_min", "hd95_mean_mm", "pixel_error"])
         for v, s in summary.items():
             w.writerow(
                 [
@@ -97,6 +100,7 @@ def evaluate_folders(
                     f"{s['dice_std']:.4f}",
                     f"{s['dice_min']:.4f}",
                     f"{s['hd95_mean']:.3f}",
+                    f"{s['pixel_error']:.5f}",
                 ]
             )
     return summary

@@ -83,7 +83,7 @@ def test_train_then_evaluate(tmp_path: Path, tiny_config: Path) -> None:
     proc = medunet("evaluate", "--pred", str(tmp_path / "masks"), "--label", str(labels), "-o", str(report))
     assert proc.returncode == 0, proc.stderr
     rows = report.read_text().splitlines()
-    assert rows[0] == "case,label,dice,hd95_mm" and len(rows) >= 3
+    assert rows[0] == "case,label,dice,hd95_mm,pixel_error" and len(rows) >= 3
     assert (tmp_path / "report_summary.csv").exists()
 
 
