@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import SliceInferer, SlidingWindowInferer
 
 from medunet.errors import InputError
 from medunet.inference.model import SegmentationModel
@@ -27,20 +27,28 @@ class Segmentation:
 def segment_image(
     image: MetaTensor, model: SegmentationModel, probabilities: bool = False, overlap: float | None = None
 ) -> Segmentation:
-    """Segment a loaded channel-first image ``(C, *S)``; the result lies on the same grid."""
+    """Segment a loaded channel-first image ``(C, *S)``; the result lies on the same grid.
+
+    A 2D model segments a 3D volume slice by slice along the last axis (MONAI's ``SliceInferer``).
+    """
     source = str(image.meta.get("filename_or_obj", "image"))
     expected = model.network_config.in_channels
     if image.shape[0] != expected:
         raise InputError(source, f"has {image.shape[0]} channel(s); the model expects {expected}")
-    transform = inference_transform(model.preprocess)
+    image_dims = image.ndim - 1
+    transform = inference_transform(model.preprocess, image_dims)
     x = transform({"image": image})["image"]
     device = next(model.network.parameters()).device
-    inferer = SlidingWindowInferer(
-        roi_size=model.roi_size,
-        sw_batch_size=model.infer.sw_batch_size,
-        overlap=model.infer.overlap if overlap is None else overlap,
-        mode=model.infer.mode,
-    )
+    roi, batch, mode = model.roi_size, model.infer.sw_batch_size, model.infer.mode
+    ov = model.infer.overlap if overlap is None else overlap
+    inferer: SlidingWindowInferer
+    if image_dims == model.preprocess.spatial_dims:
+        inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=batch, overlap=ov, mode=mode)
+    elif image_dims == 3 and model.preprocess.spatial_dims == 2:
+        inferer = SliceInferer(roi_size=roi, sw_batch_size=batch, overlap=ov, mode=mode, spatial_dim=2)
+    else:
+        dims = model.preprocess.spatial_dims
+        raise InputError(source, f"a {image_dims}D image cannot be segmented by a {dims}D model")
     with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
         logits = inferer(x.as_tensor()[None].to(device), model.network)
     probs = torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu()
@@ -60,5 +68,6 @@ def segment(
 ) -> Segmentation:
     """Segment a file, a DICOM series folder or a loaded image with ``model``."""
     if not isinstance(image, MetaTensor):
-        image = load_image(image, spatial_dims=model.preprocess.spatial_dims, series=series)
+        dims = model.preprocess.spatial_dims
+        image = load_image(image, spatial_dims=(2, 3) if dims == 2 else dims, series=series)
     return segment_image(image, model, probabilities)

@@ -68,7 +68,9 @@ def choose_reader(path: Path, series: str | None = None) -> ImageReader:
 
 
 def load_image(
-    paths: str | Path | Sequence[str | Path], spatial_dims: int | None = None, series: str | None = None
+    paths: str | Path | Sequence[str | Path],
+    spatial_dims: int | tuple[int, ...] | None = None,
+    series: str | None = None,
 ) -> MetaTensor:
     """Read one image (one file per channel) as a channel-first ``MetaTensor`` ``(C, *S)``.
 
@@ -101,14 +103,17 @@ def load_image(
     return out
 
 
-def _squeeze_to(img: MetaTensor, path: Path, spatial_dims: int | None) -> MetaTensor:
+def _squeeze_to(img: MetaTensor, path: Path, spatial_dims: int | tuple[int, ...] | None) -> MetaTensor:
     """Drop trailing singleton axes (a 2D NIfTI stored as X×Y×1) and check the dimensionality."""
+    if spatial_dims is None:
+        return img
+    allowed = (spatial_dims,) if isinstance(spatial_dims, int) else spatial_dims
     shape = tuple(img.shape)
-    if spatial_dims is not None:
-        while img.ndim > spatial_dims and img.shape[-1] == 1:
-            img = img[..., 0]  # type: ignore[assignment]
-        if img.ndim == spatial_dims + 1 and spatial_dims == 2 and img.shape[-1] in (3, 4):
-            raise InputError(path, f"colour image {shape}; convert it to one grey channel")
-        if img.ndim != spatial_dims:
-            raise InputError(path, f"expected a {spatial_dims}D image, got {img.ndim}D with shape {shape}")
+    while img.ndim > max(allowed) and img.shape[-1] == 1:
+        img = img[..., 0]  # type: ignore[assignment]
+    if img.ndim == 3 and allowed == (2,) and img.shape[-1] in (3, 4):
+        raise InputError(path, f"colour image {shape}; convert it to one grey channel")
+    if img.ndim not in allowed:
+        want = " or ".join(f"{d}D" for d in allowed)
+        raise InputError(path, f"expected a {want} image, got {img.ndim}D with shape {shape}")
     return img

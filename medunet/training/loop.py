@@ -109,18 +109,19 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
     )
 
     pre = cfg.preprocess
+    volume_dims = 3 if any(c.slice_index is not None for c in cases) else pre.spatial_dims
     augment = augment_transform(pre, cfg.augment)
     train_ds = CacheDataset(
         [c.as_item() for c in train_cases],
         # flattened so the dataset caches every deterministic step (a nested Compose counts as random)
-        Compose([preprocess_transform(pre, pad_to_patch=True), augment]).flatten(),
+        Compose([preprocess_transform(pre, pad_to_patch=True, volume_dims=volume_dims), augment]).flatten(),
         num_workers=None,
         progress=False,
         copy_cache=False,
     )
     val_ds = CacheDataset(
         [c.as_item() for c in val_cases],
-        preprocess_transform(pre, pad_to_patch=False),
+        preprocess_transform(pre, pad_to_patch=False, volume_dims=volume_dims),
         num_workers=None,
         progress=False,
     )

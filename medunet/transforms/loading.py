@@ -37,9 +37,11 @@ def take_slice(img: MetaTensor, index: int) -> MetaTensor:
 
 
 class LoadCased(MapTransform):
-    """Load ``image`` (list of channel files) and optional ``label``; apply ``slice`` and ``label_map``.
+    """Load ``image`` (list of channel files) and optional ``label``, check they share a grid, and
+    apply ``label_map``. Produces ``image`` ``(C, *S)`` float32 and ``label`` ``(1, *S)`` class indices.
 
-    Produces ``image`` ``(C, *S)`` float32 and ``label`` ``(1, *S)`` with class indices.
+    ``spatial_dims`` is the dimensionality of the files (3 for a 2D view of 3D volumes, whose slices
+    are taken later by ``TakeSliced``, after the volume has been oriented and normalized).
     """
 
     def __init__(self, spatial_dims: int, label_map: tuple[tuple[int, int], ...] = ()) -> None:
@@ -49,18 +51,10 @@ class LoadCased(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        slice_index = d.get("slice")
-        file_dims = 3 if slice_index is not None else self.spatial_dims
-        image = load_image(d["image"], spatial_dims=file_dims)
-        label = None
+        d["image"] = load_image(d["image"], spatial_dims=self.spatial_dims)
         if "label" in d:
-            label = load_image(d["label"], spatial_dims=file_dims)
-            check_same_geometry(image, label, str(d["label"]))
-        if slice_index is not None:
-            image = take_slice(image, int(slice_index))
-            label = take_slice(label, int(slice_index)) if label is not None else None
-        d["image"] = image
-        if label is not None:
+            label = load_image(d["label"], spatial_dims=self.spatial_dims)
+            check_same_geometry(d["image"], label, str(d["label"]))
             d["label"] = self._map_labels(label, str(d["label"]))
         return d
 
@@ -75,3 +69,19 @@ class LoadCased(MapTransform):
                 raise InputError(path, f"label values {found} are not all in label_map {sorted(self.label_map)}")
             values = mapped
         return MetaTensor(values.to(torch.uint8), affine=label.affine, meta=dict(label.meta))
+
+
+class TakeSliced(MapTransform):
+    """Replace 3D ``image``/``label`` by their slice ``data["slice"]`` along the last axis (a no-op
+    for items without a ``slice``)."""
+
+    def __init__(self) -> None:
+        super().__init__(keys=["image", "label"], allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if d.get("slice") is None:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = take_slice(d[key], int(d["slice"]))
+        return d

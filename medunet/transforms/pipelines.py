@@ -27,7 +27,7 @@ from monai.transforms import (
 from monai.transforms.transform import Transform
 
 from medunet.config import AugmentConfig, Normalization, PreprocessConfig
-from medunet.transforms.loading import LoadCased
+from medunet.transforms.loading import LoadCased, TakeSliced
 
 
 def normalization(cfg: PreprocessConfig, key: str = "image") -> list[Transform]:
@@ -46,29 +46,38 @@ def normalization(cfg: PreprocessConfig, key: str = "image") -> list[Transform]:
     return []
 
 
-def spatial_preprocess(cfg: PreprocessConfig, keys: tuple[str, ...]) -> list[Transform]:
-    """Orientation and optional resampling, for image (and label) tensors already loaded."""
+def spatial_preprocess(cfg: PreprocessConfig, keys: tuple[str, ...], image_dims: int) -> list[Transform]:
+    """Orientation and optional resampling of loaded ``image_dims``-D image (and label) tensors."""
     steps: list[Transform] = []
     if cfg.orientation:
-        axcodes = cfg.orientation[: cfg.spatial_dims]
-        steps.append(Orientationd(keys=list(keys), axcodes=axcodes))
-    if cfg.target_spacing:
+        steps.append(Orientationd(keys=list(keys), axcodes=cfg.orientation[:image_dims]))
+    if cfg.target_spacing and len(cfg.target_spacing) == image_dims:
         modes = ["bilinear" if k == "image" else "nearest" for k in keys]
         steps.append(Spacingd(keys=list(keys), pixdim=cfg.target_spacing, mode=modes))
     return steps
 
 
-def inference_transform(cfg: PreprocessConfig) -> Compose:
-    """Image-only steps applied to a loaded ``MetaTensor``; invertible, so masks map back exactly."""
-    return Compose([*spatial_preprocess(cfg, ("image",)), *normalization(cfg), EnsureTyped(keys="image")])
+def inference_transform(cfg: PreprocessConfig, image_dims: int | None = None) -> Compose:
+    """Image-only steps applied to a loaded ``MetaTensor``; invertible, so masks map back exactly.
+
+    ``image_dims`` is 3 when a 2D model segments a 3D volume slice by slice.
+    """
+    dims = image_dims or cfg.spatial_dims
+    return Compose([*spatial_preprocess(cfg, ("image",), dims), *normalization(cfg), EnsureTyped(keys="image")])
 
 
-def preprocess_transform(cfg: PreprocessConfig, pad_to_patch: bool) -> Compose:
-    """Load, orient, resample and normalize a labelled case (the cached part of training)."""
+def preprocess_transform(cfg: PreprocessConfig, pad_to_patch: bool, volume_dims: int | None = None) -> Compose:
+    """Load, orient, resample and normalize a labelled case (the cached part of training).
+
+    With ``volume_dims=3`` for a 2D model, the files are 3D volumes: they are oriented and
+    normalized whole, then the item's ``slice`` is taken.
+    """
+    dims = volume_dims or cfg.spatial_dims
     steps: list[Transform] = [
-        LoadCased(cfg.spatial_dims, cfg.label_map),
-        *spatial_preprocess(cfg, ("image", "label")),
+        LoadCased(dims, cfg.label_map),
+        *spatial_preprocess(cfg, ("image", "label"), dims),
         *normalization(cfg),
+        TakeSliced(),
     ]
     if pad_to_patch:
         steps.append(SpatialPadd(keys=["image", "label"], spatial_size=cfg.patch_size))

@@ -46,3 +46,19 @@ def test_isbi_png_in_png_out(data_dir: Path, tmp_path: Path) -> None:
     shutil.copy(data_dir / "isbi2012_membrane" / "train" / "label" / "27.png", labels / "27.png")
     summary = evaluate_folders(tmp_path / "masks", labels, tmp_path / "report.csv", labels=[0, 255])
     assert summary[255]["dice_mean"] > 0.5  # cell interior, after one short epoch
+
+
+def test_2d_model_segments_a_volume_slice_by_slice(data_dir: Path, tmp_path: Path) -> None:
+    rows = (REPO / "data_manifests" / "msd_hippocampus_2d_slices.csv").read_text().splitlines()
+    keep = [r for r in rows[1:] if r.split(",")[2] in {"hippocampus_004", "hippocampus_006", "hippocampus_007"}]
+    overrides = {"data.manifest": str(tmp_path / "subset.csv"), "train.epochs": 1, "network.features": [8, 16]}
+    (tmp_path / "subset.csv").write_text(
+        "\n".join([rows[0], *(r.replace("../../shared/data", str(data_dir)) for r in keep)]) + "\n"
+    )
+    cfg = load_config(REPO / "configs" / "hippocampus_2d_slices.yaml", overrides)
+    model = medunet.load_model(train(TrainRequest(cfg, tmp_path / "run", device="cpu", progress=False)).best_checkpoint)
+    volume = data_dir / "msd_hippocampus" / "images" / "hippocampus_004.nii.gz"
+    seg = medunet.segment(volume, model)
+    img = load_image(volume, spatial_dims=3)
+    assert tuple(seg.labels.shape) == tuple(img.shape[1:])
+    np.testing.assert_allclose(seg.affine, np.asarray(img.affine))

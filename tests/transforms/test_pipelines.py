@@ -33,13 +33,22 @@ def test_hippocampus_3d_train_pipeline(data_dir: Path) -> None:
 def test_slice_view_matches_volume(data_dir: Path) -> None:
     cases = read_manifest(REPO / "data_manifests" / "msd_hippocampus_2d_slices.csv")
     case = next(c for c in cases if c.slice_index == 15)
-    d = LoadCased(spatial_dims=2)(case.as_item())
+    pre = PreprocessConfig(spatial_dims=2, normalization=Normalization.NONE, label_names=("bg", "a", "p"))
+    d = preprocess_transform(pre, pad_to_patch=False, volume_dims=3)(case.as_item())
     vol = np.asarray(nib.load(case.images[0]).dataobj)
     lab = np.asarray(nib.load(case.label).dataobj)
     assert d["image"].shape == (1, *vol.shape[:2])
     np.testing.assert_allclose(d["image"][0].numpy(), vol[:, :, 15])
     np.testing.assert_array_equal(d["label"][0].numpy(), lab[:, :, 15])
-    assert d["image"].affine.shape == (3, 3)
+
+
+def test_slice_items_are_normalized_over_their_volume(data_dir: Path) -> None:
+    cases = read_manifest(REPO / "data_manifests" / "msd_hippocampus_2d_slices.csv")[:40]
+    pre = PreprocessConfig(spatial_dims=2, label_names=("bg", "a", "p"))
+    tf = preprocess_transform(pre, pad_to_patch=False, volume_dims=3)
+    same_volume = [tf(c.as_item())["image"] for c in cases if c.volume_id == cases[0].volume_id]
+    stacked = torch.stack([s[0] for s in same_volume], dim=-1)
+    assert abs(float(stacked.mean())) < 1e-3 and abs(float(stacked.std()) - 1.0) < 1e-2
 
 
 def test_brats_two_channels_with_nonzero_zscore(data_dir: Path) -> None:
