@@ -115,7 +115,10 @@ def infer(
         typer.Argument(help="Scans: files, DICOM folders, folders of scans; channels of one scan joined by commas."),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Mask file, or folder for several scans.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (.pt) or model folder.")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Checkpoint (.pt), run folder or bundle (default: shipped model)."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     series: Annotated[str | None, typer.Option(help="SeriesInstanceUID, for a folder holding several series.")] = None,
     probabilities: Annotated[bool, typer.Option(help="Also write <name>_probs.nii.gz.")] = False,
@@ -129,9 +132,13 @@ def infer(
         from rich.progress import Progress
 
         from medunet.inference import expand_inputs, load_model, plan_jobs, run_jobs
+        from medunet.inference.model import default_model_path
         from medunet.training.loop import resolve_device
 
-        seg_model = load_model(model, device=resolve_device(device))
+        ref = model or default_model_path()
+        seg_model = load_model(ref, device=resolve_device(device))
+        if model is None:
+            print(f"using the default model {ref}", file=sys.stderr)
         jobs = plan_jobs(expand_inputs(inputs), output, seg_model.preprocess.spatial_dims)
         with Progress(console=_stderr(), transient=True, disable=quiet or len(jobs) < 2) as bar:
             task = bar.add_task("segmenting", total=len(jobs))
@@ -180,6 +187,61 @@ def evaluate(
         print(f"wrote {output}")
 
     _run(body)
+
+
+bundle_app = typer.Typer(no_args_is_help=True, help="Build, verify and list MONAI bundles.")
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("build")
+def bundle_build(
+    run: Annotated[Path, typer.Option("--run", help="Training run folder (best.pt, config.yaml, history.json).")],
+    name: Annotated[str, typer.Option("--name", help="Bundle name: the folder under --root.")],
+    root: Annotated[Path, typer.Option(help="Where bundles live.")] = Path("bundles"),
+    card: Annotated[Path | None, typer.Option(help="YAML with task, description, data source, licence...")] = None,
+    version: Annotated[str, typer.Option(help="Bundle version.")] = "0.1.0",
+    command: Annotated[str, typer.Option(help="The command that trained the run, for the model card.")] = "",
+    full_precision: Annotated[bool, typer.Option(help="Keep float32 weights (default: float16).")] = False,
+) -> None:
+    """Make a MONAI bundle from a training run."""
+    _setup_logging(True)
+
+    def body() -> None:
+        from medunet.bundle import build_bundle, load_card, verify_bundle
+
+        dest = build_bundle(run, root / name, load_card(card), version, not full_precision, command)
+        problems = verify_bundle(dest)
+        if problems:
+            raise ValueError(f"{dest}: built, but " + "; ".join(problems))
+        print(f"wrote {dest}")
+
+    _run(body)
+
+
+@bundle_app.command("verify")
+def bundle_verify(path: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
+    """Check a bundle offline: files, metadata fields, network input/output, weights."""
+    _setup_logging(True)
+
+    def body() -> None:
+        from medunet.bundle import verify_bundle
+
+        problems = verify_bundle(path)
+        if problems:
+            raise ValueError(f"{path}: " + "; ".join(problems))
+        print(f"{path}: bundle verified")
+
+    _run(body)
+
+
+@bundle_app.command("list")
+def bundle_list(root: Annotated[Path | None, typer.Option(help="Where bundles live.")] = None) -> None:
+    """List the installed bundles."""
+    from medunet.bundle import list_bundles
+    from medunet.inference.model import bundles_root
+
+    for info in list_bundles(root or bundles_root()):
+        print(f"{info.name}\t{info.version}\t{info.task}\t{info.path}")
 
 
 @app.command()

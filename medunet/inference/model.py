@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from torch import nn
 from medunet.config import InferConfig, NetworkConfig, PreprocessConfig, from_dict
 from medunet.errors import InputError
 from medunet.io import load_checkpoint
+from medunet.io.bundle_layout import is_bundle, read_bundle_payload
 from medunet.networks import create_network
 
 
@@ -58,15 +60,36 @@ def model_from_payload(payload: dict[str, Any], source: str) -> SegmentationMode
     return SegmentationModel(network, net_cfg, pre, inf, source)
 
 
+DEFAULT_BUNDLE = "hippocampus_mri_3d"
+
+
+def bundles_root() -> Path:
+    """``bundles/`` beside the package (a checkout or editable install), or ``$MEDUNET_BUNDLES``."""
+    env = os.environ.get("MEDUNET_BUNDLES")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "bundles"
+
+
+def default_model_path() -> Path:
+    """The shipped default model, or ``$MEDUNET_DEFAULT_MODEL``."""
+    env = os.environ.get("MEDUNET_DEFAULT_MODEL")
+    path = Path(env) if env else bundles_root() / DEFAULT_BUNDLE
+    if not path.exists():
+        raise InputError(path, "no default model here; pass --model or set MEDUNET_DEFAULT_MODEL")
+    return path
+
+
 def load_model(ref: str | Path, device: str | torch.device = "cpu") -> SegmentationModel:
-    """Load a model from a checkpoint file (``best.pt``) — no code is executed while loading."""
+    """Load a model from a checkpoint (``best.pt``), a run folder or a medunet MONAI bundle folder.
+
+    Nothing is executed while loading: configs are read as data, weights with ``weights_only``.
+    """
     path = Path(ref)
+    if is_bundle(path):
+        return model_from_payload(read_bundle_payload(path), str(path)).to(device)
     if path.is_dir():
-        for candidate in (path / "best.pt", path / "models" / "model.pt"):
-            if candidate.is_file():
-                path = candidate
-                break
-        else:
-            raise InputError(path, "folder holds neither best.pt nor models/model.pt")
-    model = model_from_payload(load_checkpoint(path), str(path))
-    return model.to(device)
+        if not (path / "best.pt").is_file():
+            raise InputError(path, "folder is neither a medunet bundle nor a run folder with best.pt")
+        path = path / "best.pt"
+    if not path.exists():
+        raise InputError(path, "no such model file or folder")
+    return model_from_payload(load_checkpoint(path), str(path)).to(device)

@@ -33,6 +33,7 @@ class UNet(nn.Module):
         feats = list(cfg.features)
         if len(feats) < 2:
             raise ValueError("features needs at least two levels, e.g. (32, 64)")
+        self.config = cfg  # not used in forward, so TorchScript leaves it out
         self.spatial_dims = cfg.spatial_dims
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.out_channels
