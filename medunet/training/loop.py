@@ -90,6 +90,8 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
     cfg, out = req.config, req.output
     tc = cfg.train
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp*"):  # left by a process killed while writing; the real files are whole
+        stale.unlink()
     device = resolve_device(req.device)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -180,7 +182,7 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
             scaler.update()
             losses.append(loss.item())
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
-        last_epoch = epoch + 1 == tc.epochs or _out_of_time(tc.time_limit_minutes, t0)
+        last_epoch = epoch + 1 == tc.epochs or _no_time_for_another(tc.time_limit_minutes, t0, epoch + 1)
         if (epoch + 1) % tc.val_every == 0 or last_epoch:
             dice = validate(model, val_ds, cfg, device)
             record.update({f"dice_{n}": float(d) for n, d in zip(label_names, dice, strict=True)})
@@ -245,8 +247,12 @@ def validate(model: nn.Module, dataset: CacheDataset, cfg: ExperimentConfig, dev
     return np.mean([dice_from_counts(c) for c in counts.values()], axis=0)
 
 
-def _out_of_time(limit_minutes: float | None, t0: float) -> bool:
-    return limit_minutes is not None and time.monotonic() - t0 > limit_minutes * 60
+def _no_time_for_another(limit_minutes: float | None, t0: float, epochs_done: int) -> bool:
+    """True when another epoch (at this run's mean pace) would end past ``time_limit_minutes``."""
+    if limit_minutes is None:
+        return False
+    elapsed = time.monotonic() - t0
+    return elapsed + elapsed / max(epochs_done, 1) > limit_minutes * 60
 
 
 def _progress(loader: DataLoader, description: str, enabled: bool):  # type: ignore[no-untyped-def]
