@@ -75,9 +75,16 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUTPUT/last.pt.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: train.batch_size=4")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or ./mlflow.db).")
+    ] = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="Do not log to MLflow.")] = False,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: the config's name).")] = None,
+    register: Annotated[str | None, typer.Option(help="Register the best model under this name.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Train a network from a config; writes best.pt, last.pt, config.yaml and history.json."""
+    """Train a network from a config; writes best.pt, last.pt, config.yaml and history.json, and logs
+    the run (params, metrics, pictures, bundle, model) to MLflow."""
     _setup_logging(quiet)
 
     def body() -> None:
@@ -98,7 +105,26 @@ def train(
         if fold is not None:
             overrides["data.fold"] = fold
         cfg = load_config(config, overrides)
-        result = run_training(TrainRequest(cfg, output, resume=resume, device=device, progress=not quiet))
+        if register and no_tracking:
+            raise ValueError("--register needs tracking; drop --no-tracking")
+        tracker = None
+        if not no_tracking:
+            from medunet.tracking import RunTracker, TrackingRequest
+
+            output.mkdir(parents=True, exist_ok=True)
+            tracker = RunTracker(TrackingRequest(cfg, output, tracking_uri, experiment, register))
+        try:
+            result = run_training(
+                TrainRequest(cfg, output, resume=resume, device=device, progress=not quiet),
+                on_epoch=tracker.log_epoch if tracker else None,
+            )
+        except BaseException as exc:
+            if tracker is not None:
+                tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        if tracker is not None:
+            tracker.finish()
+            print(f"MLflow run {tracker.run_id} at {tracker.uri}")
         per_class = "  ".join(f"{k}={v:.4f}" for k, v in result.class_dice.items())
         print(
             f"best mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "
@@ -123,6 +149,7 @@ def infer(
     series: Annotated[str | None, typer.Option(help="SeriesInstanceUID, for a folder holding several series.")] = None,
     probabilities: Annotated[bool, typer.Option(help="Also write <name>_probs.nii.gz.")] = False,
     skip_existing: Annotated[bool, typer.Option(help="Skip scans whose mask already exists.")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow registry for models:/ URIs.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Segment scans with a trained model; masks carry each input's geometry."""
@@ -136,7 +163,7 @@ def infer(
         from medunet.training.loop import resolve_device
 
         ref = model or default_model_path()
-        seg_model = load_model(ref, device=resolve_device(device))
+        seg_model = load_model(ref, device=resolve_device(device), tracking_uri=tracking_uri)
         if model is None:
             print(f"using the default model {ref}", file=sys.stderr)
         jobs = plan_jobs(expand_inputs(inputs), output, seg_model.preprocess.spatial_dims)
@@ -242,6 +269,64 @@ def bundle_list(root: Annotated[Path | None, typer.Option(help="Where bundles li
 
     for info in list_bundles(root or bundles_root()):
         print(f"{info.name}\t{info.version}\t{info.task}\t{info.path}")
+
+
+registry_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry.")
+app.add_typer(registry_app, name="registry")
+TrackingUri = Annotated[
+    str | None, typer.Option(help="MLflow tracking server (default: $MLFLOW_TRACKING_URI or ./mlflow.db).")
+]
+
+
+@registry_app.command("register")
+def registry_register(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a medunet training run.")],
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Register a training run's model (a MONAI bundle with a pyfunc flavour) as a new version."""
+    _setup_logging(True)
+
+    def body() -> None:
+        from medunet.tracking import register_run
+
+        version = register_run(run_id, name, tracking_uri)
+        print(f"registered {name} version {version}: models:/{name}/{version}")
+
+    _run(body)
+
+
+@registry_app.command("list")
+def registry_list(tracking_uri: TrackingUri = None) -> None:
+    """List registered models, their versions and aliases."""
+    _setup_logging(True)
+
+    def body() -> None:
+        from medunet.tracking import list_versions
+
+        for v in list_versions(tracking_uri):
+            print(f"{v.name}\t{v.version}\t{','.join(v.aliases) or '-'}\trun {v.run_id}")
+
+    _run(body)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to promote.")],
+    alias: Annotated[str, typer.Option(help="Alias to point at the version.")] = "champion",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Point an alias (models:/NAME@ALIAS) at a version."""
+    _setup_logging(True)
+
+    def body() -> None:
+        from medunet.tracking import promote
+
+        promote(name, version, alias, tracking_uri)
+        print(f"models:/{name}@{alias} -> version {version}")
+
+    _run(body)
 
 
 @app.command()

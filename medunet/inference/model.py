@@ -14,6 +14,7 @@ from medunet.config import InferConfig, NetworkConfig, PreprocessConfig, from_di
 from medunet.errors import InputError
 from medunet.io import load_checkpoint
 from medunet.io.bundle_layout import is_bundle, read_bundle_payload
+from medunet.io.model_uri import download_registered_bundle, is_registry_uri
 from medunet.networks import create_network
 
 
@@ -78,11 +79,18 @@ def default_model_path() -> Path:
     return path
 
 
-def load_model(ref: str | Path, device: str | torch.device = "cpu") -> SegmentationModel:
-    """Load a model from a checkpoint (``best.pt``), a run folder or a medunet MONAI bundle folder.
+def load_model(
+    ref: str | Path, device: str | torch.device = "cpu", tracking_uri: str | None = None
+) -> SegmentationModel:
+    """Load a model from a checkpoint (``best.pt``), a run folder, a medunet MONAI bundle folder, or a
+    registry URI (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``).
 
     Nothing is executed while loading: configs are read as data, weights with ``weights_only``.
     """
+    if is_registry_uri(ref):
+        bundle = download_registered_bundle(str(ref), tracking_uri)
+        model = model_from_payload(read_bundle_payload(bundle), str(ref))
+        return model.to(device)
     path = Path(ref)
     if is_bundle(path):
         return model_from_payload(read_bundle_payload(path), str(path)).to(device)

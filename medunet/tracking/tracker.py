@@ -1,0 +1,252 @@
+"""MLflow tracking for ``medunet train``: params, per-epoch metrics, artifacts, the model.
+
+By default runs go to an embedded SQLite store (``./mlflow.db``) with artifacts in ``./mlruns/``;
+``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` points at a tracking server. A server that is down at
+the start stops the command before training; one that goes away during training does not: the
+metrics are kept in ``<run>/tracking_backlog.jsonl`` and sent when the run ends, if it is back.
+Only case ids and the config reach MLflow, never image headers (so no DICOM patient tags).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from medunet import __version__
+from medunet.config import ExperimentConfig, to_dict
+from medunet.errors import MedunetError
+from medunet.io.model_uri import DEFAULT_ARTIFACTS, tracking_uri
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MODEL_URI_TAG = "medunet.model_uri"
+
+
+class TrackingError(MedunetError):
+    """The tracking server cannot be used."""
+
+
+@dataclass(frozen=True)
+class TrackingRequest:
+    config: ExperimentConfig
+    run_dir: Path
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI or the embedded SQLite store
+    experiment: str | None = None  # default: the config's name
+    register_as: str | None = None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list | tuple) else str(v)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+class RunTracker:
+    """One MLflow run; every call survives the server going away (see the module docstring)."""
+
+    def __init__(self, req: TrackingRequest) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.req = req
+        self.uri = tracking_uri(req.uri)
+        if self.uri.startswith("http"):
+            # fail fast instead of MLflow's minutes of retries; the backlog covers outages
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.backlog = req.run_dir / "tracking_backlog.jsonl"
+        self.online = True
+        name = req.experiment or req.config.name
+        try:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                location = None
+                if self.uri.startswith("sqlite:"):
+                    location = (Path(DEFAULT_ARTIFACTS).resolve()).as_uri()
+                exp_id = self.client.create_experiment(name, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+            manifest = req.config.data.manifest
+            tags = {
+                "medunet.version": __version__,
+                "medunet.git_commit": _git_commit(),
+                "medunet.manifest": manifest.name,
+                "medunet.manifest_sha256": _sha256(manifest) if manifest.is_file() else "missing",
+            }
+            self.run = self.client.create_run(exp_id, run_name=req.run_dir.name, tags=tags)
+            params = flatten(to_dict(req.config))
+            items = list(params.items())
+            for i in range(0, len(items), 90):
+                self.client.log_batch(self.run.info.run_id, params=[_param(k, v) for k, v in items[i : i + 90]])
+        except Exception as exc:  # connection errors come in many types
+            raise TrackingError(
+                f"tracking at {self.uri} is unreachable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "start the server, point --tracking-uri elsewhere, or train with --no-tracking"
+            ) from None
+        self.run_id = self.run.info.run_id
+        log.info("tracking run %s at %s", self.run_id, self.uri)
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        metrics = {k: float(v) for k, v in record.items() if k != "epoch" and isinstance(v, int | float)}
+        step = int(record["epoch"])
+        if self.online:
+            self._flush_backlog()
+        if self.online and self._try(lambda: self._send(metrics, step)):
+            return
+        with self.backlog.open("a") as fh:
+            fh.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Send what is left (backlog, artifacts, model) and close the run."""
+        self.online = True  # one more try: the server may be back
+        self._flush_backlog()
+        if status == "FINISHED" and self.online:
+            self._try(self._log_outputs)
+        if self.online:
+            self._try(lambda: self.client.set_terminated(self.run_id, status))
+        if not self.online:
+            log.warning("tracking server %s is unreachable: the run's metrics are kept in %s", self.uri, self.backlog)
+
+    def _send(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def _flush_backlog(self) -> None:
+        if not self.backlog.exists():
+            return
+        entries = [json.loads(line) for line in self.backlog.read_text().splitlines() if line]
+        for entry in entries:
+            if not self._try(functools.partial(self._send, entry["metrics"], entry["step"])):
+                return
+        self.backlog.unlink()
+        log.info("tracking server is back: sent %d kept epochs", len(entries))
+
+    def _try(self, fn: Callable[[], T]) -> bool:
+        try:
+            fn()
+        except Exception as exc:
+            if self.online:
+                log.warning(
+                    "tracking server %s went away (%s); training goes on, metrics are kept in %s",
+                    self.uri,
+                    type(exc).__name__,
+                    self.backlog,
+                )
+            self.online = False
+            return False
+        return True
+
+    def _log_outputs(self) -> None:
+        import mlflow
+
+        run_dir = self.req.run_dir
+        for name in ("config.yaml", "split.json", "history.json"):
+            if (run_dir / name).exists():
+                self.client.log_artifact(self.run_id, str(run_dir / name))
+        with tempfile.TemporaryDirectory() as tmp:
+            pictures = Path(tmp) / "pictures"
+            make_pictures(self.req.config, run_dir, pictures)
+            self.client.log_artifacts(self.run_id, str(pictures), "pictures")
+            from medunet.bundle import ModelCard, build_bundle
+
+            # the folder's name is what the pyfunc model keeps under artifacts/: "bundle"
+            bundle = build_bundle(run_dir, Path(tmp) / "bundle", ModelCard(task=self.req.config.name))
+            self.client.log_artifacts(self.run_id, str(bundle), "bundle")
+            from medunet.tracking.pyfunc import MedunetPyfunc
+
+            with _active_run(self.run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=MedunetPyfunc(),
+                    artifacts={"bundle": str(bundle)},
+                    pip_requirements=[f"medunet=={__version__}"],
+                )
+        self.client.set_tag(self.run_id, MODEL_URI_TAG, info.model_uri)
+        if self.req.register_as:
+            from medunet.tracking.registry import register_model_uri
+
+            version = register_model_uri(info.model_uri, self.req.register_as, self.run_id)
+            log.info("registered %s version %s", self.req.register_as, version)
+
+
+def make_pictures(cfg: ExperimentConfig, run_dir: Path, out: Path, n_cases: int = 3) -> list[Path]:
+    """Training curve and QC pictures (mask over scan) of the first validation cases."""
+    from medunet.data import read_manifest
+    from medunet.evaluation.pictures import qc_picture, training_curve
+    from medunet.inference import load_model, segment
+    from medunet.io import load_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = [training_curve(json.loads((run_dir / "history.json").read_text()), out / "training_curve.png")]
+    val_ids = json.loads((run_dir / "split.json").read_text())["val"][:n_cases]
+    cases = {c.case_id: c for c in read_manifest(cfg.data.manifest)}
+    model = load_model(run_dir / "best.pt")
+    for case_id in val_ids:
+        case = cases[case_id]
+        dims = 3 if case.slice_index is not None else cfg.preprocess.spatial_dims
+        image = load_image(list(case.images), spatial_dims=dims)
+        seg = segment(image, model)
+        written.append(
+            qc_picture(
+                image[0].numpy(),
+                seg.labels.numpy(),
+                cfg.preprocess.label_names,
+                out / f"qc_{case.volume_id}.png",
+                title=f"{case.volume_id} (validation)",
+            )
+        )
+    return written
+
+
+@contextlib.contextmanager
+def _active_run(run_id: str) -> Iterator[None]:
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id):
+        yield
+
+
+def _param(key: str, value: str) -> Any:
+    from mlflow.entities import Param
+
+    return Param(key, value[:6000])
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)

@@ -1,0 +1,198 @@
+"""Tracking and registry against real MLflow: the embedded SQLite store and a server on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from medunet.config import load_config
+from medunet.tracking import RunTracker, TrackingRequest
+from medunet.training import TrainRequest, train
+from tests.conftest import make_blob_case
+from tests.tracking.conftest import Server, free_port, wait_http
+
+
+def medunet(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "medunet", *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=900
+    )
+    return proc
+
+
+def check_run(client: MlflowClient, run_id: str) -> None:
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert json.loads(run.data.params["network.features"]) == [8, 16, 32]
+    assert {"medunet.version", "medunet.git_commit", "medunet.manifest_sha256"} <= set(run.data.tags)
+    assert [m.step for m in client.get_metric_history(run_id, "dice_one")] == [1, 2]
+    assert len(client.get_metric_history(run_id, "lr")) == 2
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "split.json", "pictures", "bundle"} <= top
+    pictures = {a.path for a in client.list_artifacts(run_id, "pictures")}
+    assert "pictures/training_curve.png" in pictures and any(p.startswith("pictures/qc_") for p in pictures)
+    split = json.loads(Path(client.download_artifacts(run_id, "split.json")).read_text())
+    assert set(split) == {"train", "val"} and all(c.startswith("c") for c in split["val"])  # case ids only
+
+
+def test_embedded_store_register_promote_infer(tiny_config: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = medunet(
+        "train", "--config", str(tiny_config), "--output", "run", "--epochs", "2", "--register", "blobs", "-q", cwd=work
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "mlflow.db").is_file() and (work / "mlruns").is_dir()
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    run_id = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0].info.run_id
+    check_run(client, run_id)
+
+    assert medunet("registry", "register", run_id, "blobs", cwd=work).returncode == 0  # a second version
+    promoted = medunet("registry", "promote", "blobs", "2", "--alias", "champion", cwd=work)
+    assert promoted.returncode == 0, promoted.stderr
+    listing = medunet("registry", "list", cwd=work).stdout.splitlines()
+    assert listing[0].startswith("blobs\t1\t-") and listing[1].startswith("blobs\t2\tchampion")
+
+    img, _ = make_blob_case(tmp_path, "scan", seed=4)
+    for ref in ("models:/blobs@champion", "models:/blobs/1"):
+        out = tmp_path / f"mask_{ref[-1]}.nii.gz"
+        proc = medunet("infer", str(img), "-o", str(out), "--model", ref, "-q", cwd=work)
+        assert proc.returncode == 0, proc.stderr
+        assert nib.load(out).shape == nib.load(img).shape
+    missing = medunet("infer", str(img), "-o", str(tmp_path / "x.nii.gz"), "--model", "models:/nope@champion", cwd=work)
+    assert missing.returncode == 1 and "models:/nope@champion: not found in the registry" in missing.stderr
+
+
+def test_tracking_server_and_serving(tiny_config: Path, tmp_path: Path, mlflow_server: Server) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    proc = medunet(
+        "train",
+        "--config",
+        str(tiny_config),
+        "--output",
+        "run",
+        "--epochs",
+        "2",
+        "--register",
+        "blobs",
+        "-q",
+        cwd=work,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not (work / "mlflow.db").exists()  # everything went to the server
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0].info.run_id
+    check_run(client, run_id)
+    assert medunet("registry", "promote", "blobs", "1", cwd=work, env=env).returncode == 0
+
+    port = free_port()
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/blobs@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 180)
+        img, _ = make_blob_case(tmp_path, "served", seed=6)
+        body = json.dumps({"dataframe_records": [{"image": base64.b64encode(img.read_bytes()).decode()}]}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())["predictions"][0]
+        mask = tmp_path / "served_mask.nii.gz"
+        mask.write_bytes(base64.b64decode(answer["mask"]))
+        assert nib.load(mask).shape == nib.load(img).shape
+        np.testing.assert_allclose(nib.load(mask).affine, nib.load(img).affine)
+        assert json.loads(answer["shape"]) == list(nib.load(img).shape)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+
+
+def test_unreachable_server_stops_before_training(tiny_config: Path, tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = medunet(
+        "train", "--config", str(tiny_config), "--output", str(tmp_path / "run"), "--tracking-uri", uri, cwd=tmp_path
+    )
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("medunet: error")]
+    assert len(lines) == 1 and f"tracking at {uri} is unreachable" in lines[0] and "--no-tracking" in lines[0]
+    assert not (tmp_path / "run" / "last.pt").exists()
+    offline = medunet(
+        "train",
+        "--config",
+        str(tiny_config),
+        "--output",
+        str(tmp_path / "run"),
+        "--tracking-uri",
+        uri,
+        "--no-tracking",
+        "--epochs",
+        "1",
+        "-q",
+        cwd=tmp_path,
+    )
+    assert offline.returncode == 0, offline.stderr
+
+
+def test_server_going_away_does_not_stop_training(
+    tiny_config: Path, tmp_path: Path, mlflow_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(tiny_config, {"train.epochs": 3})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tracker = RunTracker(TrackingRequest(cfg, run_dir, mlflow_server.uri))
+
+    def log_then_kill(record: dict) -> None:
+        tracker.log_epoch(record)
+        if record["epoch"] == 1:
+            mlflow_server.stop()
+
+    with caplog.at_level(logging.WARNING):
+        result = train(TrainRequest(cfg, run_dir, device="cpu", progress=False), on_epoch=log_then_kill)
+        tracker.finish()
+    assert result.epochs_run == 3 and (run_dir / "best.pt").exists()
+    kept = [json.loads(line) for line in (run_dir / "tracking_backlog.jsonl").read_text().splitlines()]
+    assert [k["step"] for k in kept] == [2, 3] and "dice_mean" in kept[-1]["metrics"]
+    assert "went away" in caplog.text and "tracking_backlog.jsonl" in caplog.text
+
+    revived = Server(mlflow_server.root)  # same store, new process: the backlog is sent at the next finish
+    revived.port, revived.uri = mlflow_server.port, mlflow_server.uri
+    revived.start()
+    try:
+        tracker.finish()
+        client = MlflowClient(revived.uri)
+        assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [1, 2, 3]
+        assert not (run_dir / "tracking_backlog.jsonl").exists()
+    finally:
+        revived.stop()
