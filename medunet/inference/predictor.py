@@ -14,6 +14,7 @@ from medunet.errors import InputError
 from medunet.inference.model import SegmentationModel
 from medunet.io import load_image
 from medunet.transforms import inference_transform
+from medunet.transforms.windows import fit_window
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,9 @@ def segment_image(
     transform = inference_transform(model.preprocess, image_dims)
     x = transform({"image": image})["image"]
     device = next(model.network.parameters()).device
-    roi, batch, mode = model.roi_size, model.infer.sw_batch_size, model.infer.mode
+    batch, mode = model.infer.sw_batch_size, model.infer.mode
+    dims = model.preprocess.spatial_dims
+    roi = fit_window(model.roi_size, x.shape[1 : 1 + dims] if image_dims == dims else x.shape[1:3])
     ov = model.infer.overlap if overlap is None else overlap
     inferer: SlidingWindowInferer
     if image_dims == model.preprocess.spatial_dims:

@@ -29,7 +29,7 @@ class MedunetPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-define
 
         self.model = load_model(context.artifacts["bundle"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # MLflow reads hints
         import numpy as np
         import pandas as pd
 

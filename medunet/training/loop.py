@@ -29,10 +29,12 @@ from medunet.config import ExperimentConfig, to_dict
 from medunet.data import Case, kfold_by_patient, read_manifest, split_by_patient
 from medunet.evaluation import dice_from_counts, overlap_counts
 from medunet.io import load_checkpoint, save_checkpoint
+from medunet.io.headers import check_pair, read_header
 from medunet.io.writers import atomic_path
 from medunet.networks import create_network
 from medunet.training.optim import make_optimizer, set_lr
 from medunet.transforms import augment_transform, preprocess_transform
+from medunet.transforms.windows import fit_window
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,19 @@ def select_split(cfg: ExperimentConfig, cases: list[Case]) -> tuple[list[Case], 
     return split_by_patient(cases, d.val_fraction, d.split_seed)
 
 
+def check_headers(cases: list[Case]) -> None:
+    """Every file readable and every label on its image's grid, from headers, before any caching."""
+    seen: set[Path] = set()
+    for case in cases:
+        if case.images[0] in seen:  # slices of one volume
+            continue
+        seen.add(case.images[0])
+        for image in case.images:
+            read_header(image)
+        if case.label is not None:
+            check_pair(case.images[0], case.label)
+
+
 def model_payload(cfg: ExperimentConfig, model: nn.Module) -> dict[str, Any]:
     """What inference needs and nothing else: network, preprocessing, labels, window and weights."""
     return {
@@ -98,6 +113,7 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
     set_determinism(seed=tc.seed)
 
     cases = read_manifest(cfg.data.manifest)
+    check_headers(cases)
     train_cases, val_cases = select_split(cfg, cases)
     _write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     split = {"train": [c.case_id for c in train_cases], "val": [c.case_id for c in val_cases]}
@@ -237,8 +253,9 @@ def validate(model: nn.Module, dataset: CacheDataset, cfg: ExperimentConfig, dev
     for i in range(len(dataset)):
         item = dataset[i]
         image = item["image"][None].to(device)
+        window = fit_window(roi, image.shape[2:])
         logits = sliding_window_inference(
-            image, roi, cfg.infer.sw_batch_size, model, overlap=cfg.infer.overlap, mode=cfg.infer.mode
+            image, window, cfg.infer.sw_batch_size, model, overlap=cfg.infer.overlap, mode=cfg.infer.mode
         )
         pred = torch.as_tensor(logits).argmax(1)[0].cpu()
         c = overlap_counts(pred, item["label"][0].cpu(), cfg.preprocess.num_classes)

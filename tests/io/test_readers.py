@@ -103,3 +103,16 @@ def test_unreadable_and_missing(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unsupported file type"):
         (tmp_path / "x.txt").write_text("x")
         load_image(tmp_path / "x.txt")
+
+
+def test_headers_match_loaded_geometry(data_dir: Path) -> None:
+    from medunet.io.headers import check_pair, read_header
+
+    for rel in ("pyradiomics_cases/brain1_image.nrrd", "msd_hippocampus/images/hippocampus_004.nii.gz"):
+        header = read_header(data_dir / rel)
+        img = load_image(data_dir / rel, spatial_dims=3)
+        assert header.shape == tuple(img.shape[1:])
+        np.testing.assert_allclose(header.affine, np.asarray(img.affine), atol=1e-4)
+    check_pair(data_dir / "pyradiomics_cases/brain1_image.nrrd", data_dir / "pyradiomics_cases/brain1_label.nrrd")
+    with pytest.raises(InputError, match="label shape"):
+        check_pair(data_dir / "pyradiomics_cases/brain1_image.nrrd", data_dir / "pyradiomics_cases/brain2_label.nrrd")

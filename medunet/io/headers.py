@@ -1,0 +1,67 @@
+"""Reading only the headers of images (shape and world affine), to check a data set before loading it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medunet.errors import InputError
+from medunet.io.readers import IMAGE_2D_SUFFIXES, NIFTI_SUFFIXES, has_suffix
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Header:
+    shape: tuple[int, ...]
+    affine: np.ndarray | None  # RAS, 4x4; None where the format has no geometry (PNG)
+
+
+def read_header(path: Path) -> Header:
+    """Shape and affine of an image file without reading its voxels (a DICOM folder: ``None`` affine)."""
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    try:
+        if path.is_dir():
+            return Header((), None)
+        if has_suffix(path, NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            img: Any = nib.load(str(path))
+            return Header(tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64))
+        if has_suffix(path, IMAGE_2D_SUFFIXES):
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return Header(im.size, None)
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        dims = reader.GetDimension()
+        direction = np.asarray(reader.GetDirection()).reshape(dims, dims)
+        affine = np.eye(4)
+        affine[:dims, :dims] = direction * np.asarray(reader.GetSpacing())
+        affine[:dims, 3] = reader.GetOrigin()
+        return Header(tuple(int(s) for s in reader.GetSize()), LPS_TO_RAS @ affine)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            path, f"cannot be read as an image ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
+
+
+def check_pair(image: Path, label: Path) -> None:
+    """Refuse a label whose grid differs from its image's, from the headers alone."""
+    a, b = read_header(image), read_header(label)
+    if not a.shape or not b.shape:
+        return  # DICOM folders are checked when loaded
+    if a.shape != b.shape:
+        raise InputError(label, f"label shape {b.shape} does not match image shape {a.shape}")
+    if a.affine is not None and b.affine is not None and not np.allclose(a.affine, b.affine, atol=1e-3):
+        raise InputError(label, "label geometry (spacing/origin/direction) does not match its image")
