@@ -42,7 +42,8 @@ def segment_image(
     device = next(model.network.parameters()).device
     batch, mode = model.infer.sw_batch_size, model.infer.mode
     dims = model.preprocess.spatial_dims
-    roi = fit_window(model.roi_size, x.shape[1 : 1 + dims] if image_dims == dims else x.shape[1:3])
+    shape = x.shape[1 : 1 + dims] if image_dims == dims else x.shape[1:3]
+    roi = fit_window(model.roi_size, shape, model.preprocess.patch_size)
     ov = model.infer.overlap if overlap is None else overlap
     inferer: SlidingWindowInferer
     if image_dims == model.preprocess.spatial_dims:

@@ -253,7 +253,7 @@ def validate(model: nn.Module, dataset: CacheDataset, cfg: ExperimentConfig, dev
     for i in range(len(dataset)):
         item = dataset[i]
         image = item["image"][None].to(device)
-        window = fit_window(roi, image.shape[2:])
+        window = fit_window(roi, image.shape[2:], cfg.preprocess.patch_size)
         logits = sliding_window_inference(
             image, window, cfg.infer.sw_batch_size, model, overlap=cfg.infer.overlap, mode=cfg.infer.mode
         )
