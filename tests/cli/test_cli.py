@@ -132,3 +132,23 @@ def test_resume_after_sigkill(tmp_path: Path, tiny_config: Path) -> None:
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert load_checkpoint(run / "last.pt")["epoch"] == 5
+
+
+def test_dicom_patient_tags_stay_out_of_outputs(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    import gzip
+
+    import pydicom
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for f in sorted((data_dir / "totalseg_examples" / "example_ct_dicom").iterdir())[:4]:
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JANE", "MRN123456", "19700101"
+        ds.save_as(series / f.name)
+    out = tmp_path / "mask.nii.gz"
+    proc = medunet("infer", str(series), "-o", str(out), "--model", str(tiny_model))
+    assert proc.returncode == 0, proc.stderr
+    written = gzip.decompress(out.read_bytes())
+    for secret in ("DOE", "JANE", "MRN123456", "19700101"):
+        assert secret not in proc.stdout and secret not in proc.stderr
+        assert secret.encode() not in written
