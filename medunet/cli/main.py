@@ -32,7 +32,8 @@ def _setup_logging(quiet: bool) -> None:
         handlers=[RichHandler(show_path=False, show_time=False, console=_stderr())],
         force=True,
     )
-    for noisy in ("monai", "matplotlib", "PIL"):  # MONAI warns on every DICOM read about optional GPU codecs
+    # MONAI warns on every DICOM read about optional GPU codecs; MLflow and alembic narrate database set-up
+    for noisy in ("monai", "matplotlib", "PIL", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings
 
