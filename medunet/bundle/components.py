@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from medunet.config import ExperimentConfig, InferConfig, NetworkConfig, PreprocessConfig, from_dict
@@ -101,9 +100,3 @@ def run_training(recipe: dict[str, Any], bundle_root: str, output_dir: str, devi
     result = train(TrainRequest(cfg, Path(output_dir), device=device, progress=False))
     log.info("best mean Dice %.4f at epoch %d", result.best_dice, result.best_epoch)
     return result.best_checkpoint
-
-
-def torch_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -30,11 +30,6 @@ def has_suffix(path: str | Path, suffixes: tuple[str, ...]) -> bool:
     return str(path).lower().endswith(suffixes)
 
 
-def is_image_path(path: Path) -> bool:
-    """True for a file of a supported format or a folder that holds a DICOM series."""
-    return path.is_dir() or has_suffix(path, SUPPORTED)
-
-
 def list_dicom_series(folder: str | Path) -> dict[str, int]:
     """Series instance UIDs in ``folder`` with their number of files (read by GDCM, headers only)."""
     import SimpleITK as sitk

@@ -6,7 +6,6 @@ the checkpoint of epoch ``e`` draws exactly the batches an uninterrupted run wou
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -283,9 +282,3 @@ def _progress(loader: DataLoader, description: str, enabled: bool):  # type: ign
 def _write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def replace_epochs(cfg: ExperimentConfig, epochs: int | None) -> ExperimentConfig:
-    if epochs is None:
-        return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
