@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"   # as in an activated venv: tests run medunet and mlflow commands
 .venv/bin/python -m pytest "$@"

@@ -19,9 +19,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, seconds: float = 120) -> None:
+def wait_http(url: str, seconds: float = 120, proc: subprocess.Popen | None = None) -> None:  # type: ignore[type-arg]
+    """Wait until ``url`` answers; fail at once with its stderr if ``proc`` (the server) exits."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {str(err)[-2000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return

@@ -116,12 +116,14 @@ def test_tracking_server_and_serving(tiny_config: Path, tmp_path: Path, mlflow_s
             "-p",
             str(port),
         ],
-        env={**os.environ, **env},
+        # `mlflow models serve` execs `uvicorn` from PATH, as in an activated venv
+        env={**os.environ, **env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping", 180)
+        wait_http(f"http://127.0.0.1:{port}/ping", 180, serve)
         img, _ = make_blob_case(tmp_path, "served", seed=6)
         body = json.dumps({"dataframe_records": [{"image": base64.b64encode(img.read_bytes()).decode()}]}).encode()
         request = urllib.request.Request(
