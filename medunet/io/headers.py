@@ -56,12 +56,17 @@ def read_header(path: Path) -> Header:
         ) from None
 
 
-def check_pair(image: Path, label: Path) -> None:
-    """Refuse a label whose grid differs from its image's, from the headers alone."""
-    a, b = read_header(image), read_header(label)
-    if not a.shape or not b.shape:
-        return  # DICOM folders are checked when loaded
-    if a.shape != b.shape:
-        raise InputError(label, f"label shape {b.shape} does not match image shape {a.shape}")
-    if a.affine is not None and b.affine is not None and not np.allclose(a.affine, b.affine, atol=1e-3):
+def check_same_grid(label: str | Path, image_grid: Header, label_grid: Header) -> None:
+    """Refuse a label whose grid (shape, and affine where both have one) differs from its image's."""
+    if label_grid.shape != image_grid.shape:
+        raise InputError(label, f"label shape {label_grid.shape} does not match image shape {image_grid.shape}")
+    a, b = image_grid.affine, label_grid.affine
+    if a is not None and b is not None and not np.allclose(a, b, atol=1e-3):
         raise InputError(label, "label geometry (spacing/origin/direction) does not match its image")
+
+
+def check_pair(image: Path, label: Path) -> None:
+    """``check_same_grid`` from the files' headers alone."""
+    a, b = read_header(image), read_header(label)
+    if a.shape and b.shape:  # DICOM folders are checked when loaded
+        check_same_grid(label, a, b)

@@ -12,16 +12,16 @@ from monai.transforms import MapTransform
 
 from medunet.errors import InputError
 from medunet.io import load_image
+from medunet.io.headers import Header, check_same_grid
 
 
 def check_same_geometry(image: MetaTensor, label: MetaTensor, label_path: str) -> None:
-    """Refuse a label whose grid (shape and affine) differs from its image's."""
-    if tuple(image.shape[1:]) != tuple(label.shape[1:]):
-        raise InputError(
-            label_path, f"label shape {tuple(label.shape[1:])} does not match image shape {tuple(image.shape[1:])}"
-        )
-    if not np.allclose(np.asarray(image.affine), np.asarray(label.affine), atol=1e-3):
-        raise InputError(label_path, "label geometry (spacing/origin/direction) does not match its image")
+    """Refuse a label whose grid (shape and affine) differs from its loaded image's."""
+    check_same_grid(
+        label_path,
+        Header(tuple(image.shape[1:]), np.asarray(image.affine)),
+        Header(tuple(label.shape[1:]), np.asarray(label.affine)),
+    )
 
 
 def take_slice(img: MetaTensor, index: int) -> MetaTensor:
