@@ -108,6 +108,9 @@ class InferConfig:
     overlap: float = 0.5
     sw_batch_size: int = 2
     mode: str = "gaussian"
+    # Spatial axes the network was trained to be mirror-invariant along (training flips); ``--tta``
+    # averages over mirrored copies along these. Filled from ``augment.flip_axes`` when a run is saved.
+    tta_axes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

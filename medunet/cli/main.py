@@ -6,12 +6,18 @@ Heavy imports (torch, MONAI) happen inside the commands, so ``medunet --help`` i
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+
+# Large CPU tensors on transparent huge pages: far fewer page faults per window (about 1.5x faster
+# inference here). Read by PyTorch at its first allocation, so set before torch is imported.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 app = typer.Typer(
     add_completion=False,
@@ -21,6 +27,11 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
+
+
+class Postprocess(StrEnum):
+    NONE = "none"
+    LARGEST_COMPONENT = "largest-component"
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -55,6 +66,12 @@ def _run(fn: Callable[[], T]) -> T:
         return fn()
     except (MedunetError, ConfigError, ValueError) as exc:
         print(f"medunet: error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except MemoryError as exc:
+        print(
+            f"medunet: error: out of memory ({exc or 'allocation failed'}); lower --max-memory or free memory",
+            file=sys.stderr,
+        )
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print("medunet: interrupted", file=sys.stderr)
@@ -149,7 +166,29 @@ def infer(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     series: Annotated[str | None, typer.Option(help="SeriesInstanceUID, for a folder holding several series.")] = None,
     probabilities: Annotated[bool, typer.Option(help="Also write <name>_probs.nii.gz.")] = False,
-    skip_existing: Annotated[bool, typer.Option(help="Skip scans whose mask already exists.")] = False,
+    tta: Annotated[
+        bool, typer.Option(help="Average over mirrored copies (axes the model was trained to flip).")
+    ] = False,
+    postprocess: Annotated[
+        Postprocess, typer.Option(help="largest-component: keep each label's largest connected component.")
+    ] = Postprocess.NONE,
+    max_memory: Annotated[
+        str | None, typer.Option(help="Peak memory to stay under, e.g. 4GB (default: a quarter of RAM, at most 2 GiB).")
+    ] = None,
+    roi: Annotated[str | None, typer.Option(help="Window size, e.g. 96,96,96 (default: largest that fits).")] = None,
+    overlap: Annotated[
+        float | None, typer.Option(min=0.0, max=0.95, help="Window overlap fraction (default: the network's context).")
+    ] = None,
+    stats: Annotated[Path | None, typer.Option(help="CSV of voxel count and volume (ml) per scan and label.")] = None,
+    qc: Annotated[
+        Path | None, typer.Option(help="QC picture: mask over scan in 3 planes (.png for one scan, else a folder).")
+    ] = None,
+    dicom_seg: Annotated[
+        bool, typer.Option(help="Also write <name>.seg.dcm, a DICOM SEG referencing the input series.")
+    ] = False,
+    skip_existing: Annotated[
+        bool, typer.Option("--skip-existing", "--resume", help="Skip scans whose mask already exists.")
+    ] = False,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow registry for models:/ URIs.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -157,31 +196,48 @@ def infer(
     _setup_logging(quiet)
 
     def body() -> None:
-        from rich.progress import Progress
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from medunet.inference import expand_inputs, load_model, plan_jobs, run_jobs
+        from medunet.inference.batch import Extras
         from medunet.inference.model import default_model_path
+        from medunet.inference.predictor import InferOptions
+        from medunet.inference.tiling import parse_memory
         from medunet.training.loop import resolve_device
 
+        options = InferOptions(
+            probabilities=probabilities,
+            tta=tta,
+            largest_component=postprocess is Postprocess.LARGEST_COMPONENT,
+            overlap=overlap,
+            roi=_parse_sizes(roi, "--roi") if roi else None,
+            max_memory=parse_memory(max_memory) if max_memory else None,
+        )
         ref = model or default_model_path()
         seg_model = load_model(ref, device=resolve_device(device), tracking_uri=tracking_uri)
         if model is None:
             print(f"using the default model {ref}", file=sys.stderr)
+        if tta and not seg_model.infer.tta_axes:
+            raise ValueError(f"--tta: {ref} was trained without mirroring, so mirrored copies would only hurt it")
         jobs = plan_jobs(expand_inputs(inputs), output, seg_model.preprocess.spatial_dims)
-        with Progress(console=_stderr(), transient=True, disable=quiet or len(jobs) < 2) as bar:
+        columns = [TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=_stderr(), transient=True, disable=quiet or len(jobs) < 2) as bar:
             task = bar.add_task("segmenting", total=len(jobs))
             result = run_jobs(
                 jobs,
                 seg_model,
-                probabilities=probabilities,
                 series=series,
                 skip_existing=skip_existing,
                 on_done=lambda _job: bar.advance(task),
+                options=options,
+                extras=Extras(stats=stats, qc=qc, dicom_seg=dicom_seg),
             )
         for path in result.written:
             print(f"wrote {path}")
         if result.skipped:
             print(f"skipped {len(result.skipped)} scan(s) whose mask exists")
+        if stats is not None:
+            print(f"wrote {stats}")
         if result.failed:
             if len(jobs) == 1:
                 print(f"medunet: error: {result.failed[0][1]}", file=sys.stderr)
@@ -190,6 +246,16 @@ def infer(
             raise typer.Exit(1)
 
     _run(body)
+
+
+def _parse_sizes(text: str, option: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: write sizes like 96,96,96") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"{option} {text!r}: sizes must be positive")
+    return sizes
 
 
 @app.command()

@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from medunet.errors import InputError, MedunetError
+from medunet.evaluation.pictures import qc_picture
 from medunet.inference.model import SegmentationModel
-from medunet.inference.predictor import Segmentation, segment
+from medunet.inference.predictor import InferOptions, Segmentation, segment
 from medunet.io import write_array
+from medunet.io.dicom_seg import write_dicom_seg
 from medunet.io.readers import IMAGE_2D_SUFFIXES, NIFTI_SUFFIXES, SUPPORTED, has_suffix
+from medunet.io.writers import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +94,64 @@ def write_segmentation(seg: Segmentation, model: SegmentationModel, output: Path
     """Write the label map (class indices mapped to the training label values) and, if present,
     the probabilities beside it as ``<name>_probs.nii.gz``."""
     values = np.asarray(model.label_values, dtype=np.uint8)
-    write_array(values[seg.labels.numpy()], seg.affine, output)
     if seg.probabilities is not None:
-        probs = np.moveaxis(seg.probabilities.numpy().astype(np.float32), 0, -1)
+        probs = np.moveaxis(seg.probabilities.numpy(), 0, -1).astype(np.float32)
         write_array(probs, seg.affine, output.parent / f"{scan_name(output)}_probs.nii.gz")
+        del probs
+    write_array(values[seg.labels.numpy()], seg.affine, output)
     return output
+
+
+STATS_COLUMNS = ("scan", "label", "name", "voxels", "volume_ml")
+
+
+def label_statistics(seg: Segmentation, model: SegmentationModel, scan: str) -> list[dict[str, object]]:
+    """Voxel count and volume (ml; empty for 2D images) of every foreground label."""
+    counts = np.bincount(seg.labels.numpy().ravel(), minlength=model.preprocess.num_classes)
+    spatial = seg.affine[:-1, :-1]
+    voxel_ml = abs(float(np.linalg.det(spatial))) / 1000.0 if spatial.shape == (3, 3) else None
+    rows: list[dict[str, object]] = []
+    for c, (name, value) in enumerate(zip(model.label_names, model.label_values, strict=True)):
+        if c == 0:
+            continue
+        n = int(counts[c])
+        volume = "" if voxel_ml is None else f"{n * voxel_ml:.4f}"
+        rows.append({"scan": scan, "label": value, "name": name, "voxels": n, "volume_ml": volume})
+    return rows
+
+
+def write_statistics(rows: Sequence[dict[str, object]], path: Path) -> Path:
+    import csv
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=STATS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Outputs beside each mask: statistics CSV, QC picture, DICOM SEG."""
+
+    stats: Path | None = None  # one CSV for all scans
+    qc: Path | None = None  # a .png for one scan, else a folder of <scan>.png
+    dicom_seg: bool = False  # <mask name>.seg.dcm beside the mask, for DICOM series inputs
+
+    def qc_path(self, job: Job, n_jobs: int) -> Path | None:
+        if self.qc is None:
+            return None
+        if n_jobs == 1 and self.qc.suffix.lower() == ".png":
+            return self.qc
+        return self.qc / f"{scan_name(job.output)}.png"
+
+
+def seg_path(output: Path) -> Path:
+    return output.parent / f"{scan_name(output)}.seg.dcm"
+
+
+# What a bad scan can raise; each is reported on one line and the batch goes on.
+JOB_ERRORS = (MedunetError, OSError, ValueError, RuntimeError, MemoryError)
 
 
 def run_jobs(
@@ -105,20 +161,42 @@ def run_jobs(
     series: str | None = None,
     skip_existing: bool = False,
     on_done: Callable[[Job], None] | None = None,
+    options: InferOptions | None = None,
+    extras: Extras | None = None,
 ) -> BatchResult:
-    """Segment every job; a bad file is reported and skipped while the others finish."""
+    """Segment every job; a bad file is reported and skipped while the others finish.
+
+    The mask is written last, so a scan whose mask exists is complete (``skip_existing``).
+    """
+    opts = options or InferOptions(probabilities=probabilities)
+    more = extras or Extras()
     result = BatchResult()
-    for job in jobs:
-        try:
-            if skip_existing and job.output.exists():
-                result.skipped.append(job.output)
-                continue
-            seg = segment(list(job.inputs), model, probabilities=probabilities, series=series)
-            result.written.append(write_segmentation(seg, model, job.output))
-        except MedunetError as exc:
-            result.failed.append((job.name, str(exc)))
-            log.error("%s", exc)
-        finally:
-            if on_done is not None:
-                on_done(job)
+    rows: list[dict[str, object]] = []
+    try:
+        for job in jobs:
+            try:
+                if skip_existing and job.output.exists():
+                    result.skipped.append(job.output)
+                    continue
+                seg = segment(list(job.inputs), model, series=series, options=opts, keep_scan=more.qc is not None)
+                if more.dicom_seg:
+                    write_dicom_seg(
+                        seg.labels.numpy(), seg.affine, job.inputs[0], seg_path(job.output),
+                        model.label_names, Path(model.source).name, series,
+                    )  # fmt: skip
+                qc = more.qc_path(job, len(jobs))
+                if qc is not None and seg.scan is not None:
+                    qc_picture(seg.scan, seg.labels.numpy(), model.label_names, qc, title=scan_name(job.output))
+                result.written.append(write_segmentation(seg, model, job.output))
+                rows += label_statistics(seg, model, scan_name(job.output))
+            except JOB_ERRORS as exc:
+                message = str(exc) if isinstance(exc, MedunetError) else f"{job.name}: {type(exc).__name__}: {exc}"
+                result.failed.append((job.name, message))
+                log.error("%s", message)
+            finally:
+                if on_done is not None:
+                    on_done(job)
+    finally:
+        if more.stats is not None:
+            write_statistics(rows, more.stats)
     return result

@@ -1,77 +1,300 @@
-"""Segmenting one image: preprocess, sliding window with Gaussian blending, map back to the input grid."""
+"""Segmenting one image: preprocess, sliding window with Gaussian blending, map back to the input grid.
+
+Windows and slabs come from ``tiling.plan_tiles`` so that the process stays inside a memory budget
+on any scan size; blended logits are reduced to labels slab by slab, so no full-size float copy of
+the class scores is kept unless probabilities are asked for.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import SliceInferer, SlidingWindowInferer
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Compose, Spacingd
 
+from medunet.config import NetworkConfig
 from medunet.errors import InputError
 from medunet.inference.model import SegmentationModel
+from medunet.inference.tiling import TilePlan, default_memory_budget, plan_tiles, resident_memory
 from medunet.io import load_image
 from medunet.transforms import inference_transform
-from medunet.transforms.windows import fit_window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    """What ``medunet infer`` can be asked for beyond the model's own settings."""
+
+    probabilities: bool = False  # keep the class probabilities (float16 in memory)
+    tta: bool = False  # average over mirrored copies along every spatial axis
+    largest_component: bool = False  # keep only the largest connected component of each class
+    overlap: float | None = None  # window overlap fraction (default: the context the network needs)
+    roi: tuple[int, ...] | None = None  # window size (default: the largest the budget allows)
+    max_memory: int | None = None  # peak bytes to aim for (default: ``default_memory_budget()``)
 
 
 @dataclass(frozen=True)
 class Segmentation:
     labels: torch.Tensor  # (*S) uint8 class indices on the input's grid
     affine: np.ndarray  # the input's world affine (RAS)
-    probabilities: torch.Tensor | None  # (K, *S) float32, when asked for
+    probabilities: torch.Tensor | None  # (K, *S) float16, when asked for
     source: str
+    spacing: tuple[float, ...] = ()  # voxel size in mm along each axis of the input grid
+    scan: np.ndarray | None = None  # first channel of the input, kept for QC pictures
+    plan: TilePlan | None = None  # how the image was tiled (on the network's grid)
 
 
-def segment_image(
-    image: MetaTensor, model: SegmentationModel, probabilities: bool = False, overlap: float | None = None
-) -> Segmentation:
-    """Segment a loaded channel-first image ``(C, *S)``; the result lies on the same grid.
+@dataclass
+class Prepared:
+    """A preprocessed image ready for the network, and what is needed to map results back."""
 
-    A 2D model segments a 3D volume slice by slice along the last axis (MONAI's ``SliceInferer``).
-    """
+    x: MetaTensor  # (C, *S') on the network's grid
+    transform: Compose
+    input_shape: tuple[int, ...]
+    affine: np.ndarray
+    source: str
+    slice_wise: bool  # a 2D model over a 3D volume
+
+
+def prepare(image: MetaTensor, model: SegmentationModel) -> Prepared:
+    """Check channels and dimensions, then orient, resample and normalize like training did."""
     source = str(image.meta.get("filename_or_obj", "image"))
     expected = model.network_config.in_channels
     if image.shape[0] != expected:
         raise InputError(source, f"has {image.shape[0]} channel(s); the model expects {expected}")
     image_dims = image.ndim - 1
+    dims = model.preprocess.spatial_dims
+    if not (image_dims == dims or (image_dims == 3 and dims == 2)):
+        raise InputError(source, f"a {image_dims}D image cannot be segmented by a {dims}D model")
+    if any(s < 1 for s in image.shape[1:]):
+        raise InputError(source, f"image has an empty axis {tuple(image.shape[1:])}")
     transform = inference_transform(model.preprocess, image_dims)
     x = transform({"image": image})["image"]
+    if not torch.isfinite(x).all():
+        raise InputError(source, "image holds NaN or infinite values")
+    affine = np.asarray(image.affine)
+    return Prepared(x, transform, tuple(image.shape[1:]), affine, source, image_dims != dims)
+
+
+def _predictor(network: torch.nn.Module, tta_axes: Sequence[int], channels_last: bool) -> Callable:
+    """The window function: logits, averaged over every combination of mirrored ``tta_axes``
+    (spatial axes, as the model's training flips)."""
+    axes = [a + 2 for a in tta_axes]
+    flips = [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+    def run(window: torch.Tensor) -> torch.Tensor:
+        window = window.float()  # float16 slabs of a large image are blended in half precision
+        if channels_last:
+            window = window.contiguous(memory_format=torch.channels_last_3d)
+        out = network(window).float()
+        for flip in flips:
+            out += network(window.flip(flip)).float().flip(flip)
+        return out / (1 + len(flips)) if flips else out
+
+    return run
+
+
+def _slice_predictor(run: Callable) -> Callable:
+    """A 2D window function applied to every slice of a ``(B, C, H, W, D)`` window."""
+
+    def run_slices(window: torch.Tensor) -> torch.Tensor:
+        b, c, h, w, d = window.shape
+        slices = window.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w)
+        out = torch.cat([run(part) for part in slices.split(16)])
+        return out.reshape(b, d, -1, h, w).permute(0, 2, 3, 4, 1)
+
+    return run_slices
+
+
+def _window_device_budget(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free * 0.7)
+
+
+def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOptions) -> Segmentation:
+    """Sliding-window inference over ``prep`` and the inverse of its preprocessing."""
+    x = prep.x
     device = next(model.network.parameters()).device
-    batch, mode = model.infer.sw_batch_size, model.infer.mode
+    num_classes = model.preprocess.num_classes
     dims = model.preprocess.spatial_dims
-    shape = x.shape[1 : 1 + dims] if image_dims == dims else x.shape[1:3]
-    roi = fit_window(model.roi_size, shape, model.preprocess.patch_size)
-    ov = model.infer.overlap if overlap is None else overlap
-    inferer: SlidingWindowInferer
-    if image_dims == model.preprocess.spatial_dims:
-        inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=batch, overlap=ov, mode=mode)
-    elif image_dims == 3 and model.preprocess.spatial_dims == 2:
-        inferer = SliceInferer(roi_size=roi, sw_batch_size=batch, overlap=ov, mode=mode, spatial_dim=2)
+    shape = tuple(x.shape[1:])
+    patch = tuple(model.preprocess.patch_size) + ((1,) if prep.slice_wise else ())
+    net_cfg = model.network_config
+    budget = options.max_memory or default_memory_budget()
+    resampled = any(isinstance(t, Spacingd) for t in prep.transform.transforms)
+    committed = resident_memory() + 2 * math.prod(prep.input_shape)  # + the uint8 masks on both grids
+    if options.probabilities or resampled:
+        committed += math.prod(shape) * num_classes * (2 if not resampled else 4)
+    roi = options.roi
+    if roi is not None and len(roi) != dims:
+        raise InputError(prep.source, f"--roi {roi} has {len(roi)} sides; the model is {dims}D")
+    try:
+        plan = plan_tiles(
+            shape,
+            _slice_config(net_cfg) if prep.slice_wise else net_cfg,
+            patch,
+            budget,
+            committed,
+            num_classes,
+            window_device_budget=_window_device_budget(device),
+            half_precision=device.type == "cuda",
+            roi=(*roi, 1) if roi is not None and prep.slice_wise else roi,
+            overlap=options.overlap,
+            image_bytes=x.numel() * x.element_size(),
+        )
+    except MemoryError as exc:
+        raise InputError(prep.source, str(exc)) from None
+    log.info("%s: %s", Path(prep.source).name, plan.describe(shape))
+    if plan.half_blend:  # a large image is held and blended in float16 (the network still runs in float32)
+        prep.x = x = x.to(torch.float16)
+    if options.tta and not model.infer.tta_axes:
+        raise InputError(
+            model.source, "--tta: this model was trained without mirroring, so mirrored copies would only hurt"
+        )
+    tta_axes = model.infer.tta_axes if options.tta else ()
+    run = _predictor(model.network, tta_axes, device.type == "cuda" and dims == 3)
+    if prep.slice_wise:
+        run = _slice_predictor(run)
+    labels, probs = _blend(x.as_tensor(), run, plan, num_classes, device, options.probabilities or resampled)
+    labels, probs = _to_input_grid(prep, labels, probs, resampled)
+    if probs is not None and not options.probabilities:
+        probs = None
+    if options.largest_component:
+        labels = keep_largest_components(labels, num_classes)
+    spacing = tuple(float(v) for v in np.linalg.norm(prep.affine[:-1, :-1], axis=0))
+    return Segmentation(labels, prep.affine, probs, prep.source, spacing, plan=plan)
+
+
+def _slice_config(cfg: NetworkConfig) -> NetworkConfig:
+    """Windows of a 2D network over a volume are 3D boxes one slice deep: plan them with the 2D network
+    (``plan_tiles`` counts one slice's activations per window slice)."""
+    return replace(cfg, spatial_dims=3)
+
+
+def _blend(
+    x: torch.Tensor,
+    run: Callable,
+    plan: TilePlan,
+    num_classes: int,
+    device: torch.device,
+    keep_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gaussian-blended sliding window, slab by slab along the last axis; labels (and float16
+    probabilities) are filled in as each slab is done."""
+    shape = tuple(x.shape[1:])
+    depth = shape[-1]
+    labels = torch.empty(shape, dtype=torch.uint8)
+    probs = torch.empty((num_classes, *shape), dtype=torch.float16) if keep_probs else None
+    amp = device.type == "cuda"
+    for start in range(0, depth, plan.slab):
+        stop = min(depth, start + plan.slab)
+        lo, hi = max(0, start - plan.margin), min(depth, stop + plan.margin)
+        inferer = SlidingWindowInferer(
+            roi_size=plan.layout.roi,
+            sw_batch_size=plan.sw_batch_size,
+            overlap=plan.layout.overlap,
+            mode="gaussian",
+            sw_device=device,
+            device=device if plan.slab == depth else torch.device("cpu"),
+        )
+        slab = x[None, ..., lo:hi]  # MONAI blends in the input's dtype: float16 for large images
+        with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
+            logits = torch.as_tensor(inferer(slab, run))
+        for z in range(start, stop, 16):  # argmax a few slices at a time: no full-size int64 index
+            part = logits[0, ..., z - lo : min(stop, z + 16) - lo]
+            labels[..., z : z + part.shape[-1]] = part.argmax(0).to(torch.uint8).cpu()
+            if probs is not None:
+                probs[..., z : z + part.shape[-1]] = torch.softmax(part.float(), dim=0).to(torch.float16).cpu()
+        del logits, part  # before the next slab's buffers are made
+    return labels, probs
+
+
+def _to_input_grid(
+    prep: Prepared, labels: torch.Tensor, probs: torch.Tensor | None, resampled: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Undo orientation (exact, on labels) and resampling (on probabilities, then argmax)."""
+
+    def invert(t: torch.Tensor) -> torch.Tensor:
+        mapped = MetaTensor(t, meta=prep.x.meta, applied_operations=prep.x.applied_operations)
+        return torch.as_tensor(prep.transform.inverse({"image": mapped})["image"])
+
+    if resampled and probs is not None:
+        probs = invert(probs.float())
+        labels = probs.argmax(0).to(torch.uint8)
+        probs = probs.to(torch.float16)
     else:
-        dims = model.preprocess.spatial_dims
-        raise InputError(source, f"a {image_dims}D image cannot be segmented by a {dims}D model")
-    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
-        logits = inferer(x.as_tensor()[None].to(device), model.network)
-    probs = torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu()
-    mapped = MetaTensor(probs, meta=x.meta, applied_operations=x.applied_operations)
-    probs = torch.as_tensor(transform.inverse({"image": mapped})["image"])
-    if tuple(probs.shape[1:]) != tuple(image.shape[1:]):
-        raise RuntimeError(f"inverted prediction {tuple(probs.shape[1:])} != input {tuple(image.shape[1:])}")
-    labels = probs.argmax(0).to(torch.uint8)
-    return Segmentation(labels, np.asarray(image.affine), probs if probabilities else None, source)
+        labels = invert(labels[None])[0].to(torch.uint8)
+        if probs is not None:
+            probs = invert(probs).to(torch.float16)
+    if tuple(labels.shape) != prep.input_shape:
+        raise RuntimeError(f"inverted prediction {tuple(labels.shape)} != input {prep.input_shape}")
+    return labels, probs
+
+
+def keep_largest_components(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Keep, for each foreground class, only its largest connected component (face connectivity)."""
+    from scipy import ndimage
+
+    out = labels.numpy().copy()
+    for c in range(1, num_classes):
+        mask = out == c
+        components, n = ndimage.label(mask)
+        if n > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            out[mask & (components != sizes.argmax())] = 0
+    return torch.from_numpy(out)
+
+
+def segment_image(
+    image: MetaTensor,
+    model: SegmentationModel,
+    probabilities: bool = False,
+    overlap: float | None = None,
+    options: InferOptions | None = None,
+) -> Segmentation:
+    """Segment a loaded channel-first image ``(C, *S)``; the result lies on the same grid.
+
+    A 2D model segments a 3D volume slice by slice along the last axis.
+    """
+    opts = options or InferOptions(probabilities=probabilities, overlap=overlap)
+    return segment_prepared(prepare(image, model), model, opts)
 
 
 def segment(
-    image: str | Path | list[Path] | MetaTensor,
+    image: str | Path | Sequence[Path] | MetaTensor,
     model: SegmentationModel,
     probabilities: bool = False,
     series: str | None = None,
+    options: InferOptions | None = None,
+    keep_scan: bool = False,
 ) -> Segmentation:
-    """Segment a file, a DICOM series folder or a loaded image with ``model``."""
-    if not isinstance(image, MetaTensor):
+    """Segment a file, a DICOM series folder or a loaded image with ``model``.
+
+    A file is loaded here and released once preprocessed, so a large scan is not held twice;
+    ``keep_scan`` keeps its first channel for QC pictures.
+    """
+    opts = options or InferOptions(probabilities=probabilities)
+    if isinstance(image, MetaTensor):
+        prep = prepare(image, model)
+        scan = image[0].numpy().copy() if keep_scan else None
+    else:
         dims = model.preprocess.spatial_dims
-        image = load_image(image, spatial_dims=(2, 3) if dims == 2 else dims, series=series)
-    return segment_image(image, model, probabilities)
+        paths = [Path(image)] if isinstance(image, str | Path) else list(image)
+        loaded = load_image(paths, spatial_dims=(2, 3) if dims == 2 else dims, series=series)
+        prep = prepare(loaded, model)
+        scan = loaded[0].numpy().copy() if keep_scan else None
+        del loaded
+    seg = segment_prepared(prep, model, opts)
+    return replace(seg, scan=scan) if scan is not None else seg

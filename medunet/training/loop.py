@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 from torch import nn
 
-from medunet.config import ExperimentConfig, to_dict
+from medunet.config import ExperimentConfig, InferConfig, to_dict
 from medunet.data import Case, kfold_by_patient, read_manifest, split_by_patient
 from medunet.evaluation import dice_from_counts, overlap_counts
 from medunet.io import load_checkpoint, save_checkpoint
@@ -88,13 +88,20 @@ def check_headers(cases: list[Case]) -> None:
             check_pair(case.images[0], case.label)
 
 
+def infer_settings(cfg: ExperimentConfig) -> InferConfig:
+    """The run's inference settings; mirroring for ``--tta`` only along the axes training flipped."""
+    if cfg.infer.tta_axes or cfg.augment.flip_prob <= 0:
+        return cfg.infer
+    return replace(cfg.infer, tta_axes=tuple(cfg.augment.flip_axes))
+
+
 def model_payload(cfg: ExperimentConfig, model: nn.Module) -> dict[str, Any]:
     """What inference needs and nothing else: network, preprocessing, labels, window and weights."""
     return {
         "format": CHECKPOINT_FORMAT,
         "network": to_dict(cfg.network),
         "preprocess": to_dict(cfg.preprocess),
-        "infer": to_dict(cfg.infer),
+        "infer": to_dict(infer_settings(cfg)),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 

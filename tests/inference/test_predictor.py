@@ -54,8 +54,10 @@ def test_probabilities(tiny_model: Path, tmp_path: Path) -> None:
     img, _ = make_blob_case(tmp_path, "p", seed=3)
     seg = medunet.segment(img, medunet.load_model(tiny_model), probabilities=True)
     assert seg.probabilities is not None and seg.probabilities.shape == (3, 24, 28, 20)
-    torch.testing.assert_close(seg.probabilities.sum(0), torch.ones(24, 28, 20), atol=1e-4, rtol=0)
-    assert torch.equal(seg.probabilities.argmax(0).to(torch.uint8), seg.labels)
+    assert seg.probabilities.dtype == torch.float16  # K x volume in half precision: large scans stay in budget
+    torch.testing.assert_close(seg.probabilities.float().sum(0), torch.ones(24, 28, 20), atol=3e-3, rtol=0)
+    agree = (seg.probabilities.argmax(0).to(torch.uint8) == seg.labels).float().mean()
+    assert agree > 0.999  # float16 rounding may tie two classes at a boundary voxel
 
 
 def test_smaller_than_window_and_single_slice(tiny_model: Path, tmp_path: Path) -> None:

@@ -1,0 +1,227 @@
+"""medunet's inference path against MONAI's stock sliding-window recipe, same weights, same volume.
+
+    python benchmarks/inference_speed.py [--model bundles/hippocampus_mri_3d] [--grid 6 4 4] [--device cpu]
+
+Both paths share the preprocessing (orientation, z-score) and the mapping back to the input grid;
+they differ in the window plan:
+
+- stock: ``SlidingWindowInferer(roi_size=96³, sw_batch_size=4, overlap=0.5, mode="gaussian")``;
+- medunet: the fewest, largest windows the memory budget allows, overlapping by the network's
+  context, blended slab by slab (``medunet.inference.tiling``), at the default ``--max-memory``.
+
+Printed: seconds and the time ratio, Dice agreement between the two masks (and of each with the
+real labels), peak resident memory of each (sampled while it runs), and the share of the machine's
+measured convolution throughput that each path achieves.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the medunet command does; applies to both paths
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from volumes import REPO, tiled_volume
+
+from medunet.inference import load_model
+from medunet.inference.predictor import InferOptions, _to_input_grid, prepare, segment_prepared
+from medunet.inference.tiling import resident_memory
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = resident_memory()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, resident_memory())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_memory())
+
+
+def conv_flops_per_voxel(network: torch.nn.Module, dims: int, in_channels: int, device: torch.device) -> float:
+    """Multiply-adds x2 of every convolution, per input voxel (measured with hooks on a 64^dims window)."""
+    total = 0.0
+
+    def hook(module: torch.nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        k = math.prod(module.kernel_size)
+        if isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+            total += 2.0 * _inp[0].numel() * module.out_channels // module.groups * k
+        else:
+            total += 2.0 * out.numel() * module.in_channels // module.groups * k
+
+    convs = [m for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    handles = [m.register_forward_hook(hook) for m in convs]
+    x = torch.zeros(1, in_channels, *(64,) * dims, device=device)
+    with torch.inference_mode():
+        network(x)
+    for h in handles:
+        h.remove()
+    return total / x[0, 0].numel()
+
+
+def machine_conv_throughput(dims: int, device: torch.device, seconds: float = 3.0) -> float:
+    """Best FLOP/s of single 3x3(x3) convolutions shaped like a U-Net's (float32, batch 1)."""
+    conv = torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d
+    side = {3: [(16, 96), (32, 64), (64, 40)], 2: [(32, 512), (64, 256), (128, 128)]}[dims]
+    best = 0.0
+    for channels, size in side:
+        layer = conv(channels, channels, 3, padding=1).to(device).eval()
+        x = torch.randn(1, channels, *(size,) * dims, device=device)
+        flops = 2.0 * channels * channels * 3**dims * size**dims
+        with torch.inference_mode():
+            layer(x)
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / len(side):
+                layer(x)
+                n += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, flops * n / (time.perf_counter() - start))
+    return best
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def dice(a: np.ndarray, b: np.ndarray, labels: range) -> list[float]:
+    out = []
+    for c in labels:
+        pa, pb = a == c, b == c
+        denom = int(pa.sum()) + int(pb.sum())
+        out.append(2.0 * int((pa & pb).sum()) / denom if denom else 1.0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(REPO / "bundles" / "hippocampus_mri_3d"))
+    parser.add_argument("--grid", type=int, nargs=3, default=(6, 4, 4), help="hippocampus boxes per axis")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = load_model(args.model, device=device)
+    image, label, affine = tiled_volume(tuple(args.grid))
+    volume = MetaTensor(torch.from_numpy(image)[None], affine=torch.from_numpy(affine))
+    volume.meta["filename_or_obj"] = "tiled_hippocampus"
+    voxels = image.size
+    print(f"volume {image.shape} ({voxels / 1e6:.1f} M voxels) from real MSD hippocampus cases; model {args.model}")
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    num_classes = model.preprocess.num_classes
+    fg = range(1, num_classes)
+
+    # warm-up: one small window through both paths
+    with torch.inference_mode():
+        model.network(torch.zeros(1, model.network_config.in_channels, *model.preprocess.patch_size, device=device))
+
+    with PeakMemory() as mem_ours:
+        start = time.perf_counter()
+        prep = prepare(volume, model)
+        seg = segment_prepared(prep, model, InferOptions())
+        t_ours = time.perf_counter() - start
+    ours = seg.labels.numpy()
+    plan, prep_shape = seg.plan, tuple(prep.x.shape[1:])
+    assert plan is not None
+    del seg, prep
+
+    with PeakMemory() as mem_stock:
+        start = time.perf_counter()
+        prep = prepare(volume, model)
+        inferer = SlidingWindowInferer(roi_size=(96,) * 3, sw_batch_size=4, overlap=0.5, mode="gaussian")
+        with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
+            logits = inferer(prep.x.as_tensor()[None].to(device), model.network)
+        stock_labels = torch.as_tensor(logits)[0].argmax(0).to(torch.uint8).cpu()
+        del logits
+        stock_labels, _ = _to_input_grid(prep, stock_labels, None, resampled=False)
+        t_stock = time.perf_counter() - start
+    stock = stock_labels.numpy()
+
+    agree = dice(ours, stock, fg)
+    ours_vs_label, stock_vs_label = dice(ours, label, fg), dice(stock, label, fg)
+    per_voxel = conv_flops_per_voxel(model.network, 3, model.network_config.in_channels, device)
+    stock_windows = math.prod(1 if s <= 96 else math.ceil((s - 96) / 48) + 1 for s in image.shape) * 96**3
+    peak = machine_conv_throughput(3, device)
+    ours_windows = plan.network_voxels(prep_shape)
+    achieved_ours = per_voxel * ours_windows / t_ours
+    achieved_stock = per_voxel * stock_windows / t_stock
+
+    print(
+        f"medunet: {t_ours:7.1f} s  peak {gib(mem_ours.peak)} GiB (+{gib(mem_ours.peak - mem_ours.start)})"
+        f"  {plan.describe(prep_shape)}"
+    )
+    print(
+        f"stock:   {t_stock:7.1f} s  peak {gib(mem_stock.peak)} GiB (+{gib(mem_stock.peak - mem_stock.start)})"
+        f"  windows 96^3, overlap 0.5, coverage {stock_windows / voxels:.2f}"
+    )
+    print(f"speed-up: {t_stock / t_ours:.2f}x")
+    print(
+        "agreement (Dice medunet vs stock): "
+        + ", ".join(f"{n} {d:.4f}" for n, d in zip(model.label_names[1:], agree, strict=True))
+        + f"; mean {np.mean(agree):.4f}"
+    )
+    print(
+        "Dice vs labels: medunet "
+        + ", ".join(f"{d:.4f}" for d in ours_vs_label)
+        + "; stock "
+        + ", ".join(f"{d:.4f}" for d in stock_vs_label)
+    )
+    print(
+        f"convolutions: {per_voxel / 1e3:.1f} kFLOP per window voxel; "
+        f"machine best single conv {peak / 1e9:.1f} GFLOP/s; "
+        f"medunet achieves {achieved_ours / 1e9:.1f} GFLOP/s ({achieved_ours / peak:.0%}), "
+        f"stock {achieved_stock / 1e9:.1f} GFLOP/s ({achieved_stock / peak:.0%})"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "shape": image.shape,
+                    "device": str(device),
+                    "seconds_medunet": t_ours,
+                    "seconds_stock": t_stock,
+                    "speedup": t_stock / t_ours,
+                    "agreement": agree,
+                    "dice_medunet": ours_vs_label,
+                    "dice_stock": stock_vs_label,
+                    "peak_medunet": mem_ours.peak,
+                    "peak_stock": mem_stock.peak,
+                    "conv_peak_flops": peak,
+                    "fraction_medunet": achieved_ours / peak,
+                    "fraction_stock": achieved_stock / peak,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Window and slab planning: the fewest windows that fit the memory budget, and a bounded peak."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.inferers.utils import _get_scan_interval
+
+import medunet
+from medunet.config import NetworkConfig
+from medunet.inference.predictor import _blend, _predictor, prepare
+from medunet.inference.tiling import (
+    GiB,
+    MiB,
+    blend_bytes_per_voxel,
+    layout_windows,
+    parse_memory,
+    plan_tiles,
+    receptive_field,
+    window_bytes_per_voxel,
+)
+from medunet.io import load_image
+from tests.conftest import make_blob_case
+
+UNET_3D = NetworkConfig(name="unet", spatial_dims=3, in_channels=1, out_channels=3, features=(16, 32, 64, 128))
+
+
+def test_parse_memory() -> None:
+    assert parse_memory("2GB") == 2 * 10**9
+    assert parse_memory("1.5GiB") == int(1.5 * GiB)
+    assert parse_memory("800 MiB") == 800 * MiB
+    assert parse_memory("123") == 123
+    for bad in ("lots", "2 parsecs", "-1GB", "0"):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+
+
+def monai_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: tuple[float, ...]) -> list[int]:
+    """How many windows MONAI's sliding window actually places along each axis."""
+    interval = _get_scan_interval(shape, roi, len(shape), overlap)
+    return [1 if r >= s else math.ceil((s - r) / i) + 1 for s, r, i in zip(shape, roi, interval, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "shape,max_voxels",
+    [((240, 224, 160), 2_000_000), ((512, 512, 60), 1_500_000), ((35, 48, 32), 10**7), ((300, 41, 77), 300_000)],
+)
+def test_layout_fits_budget_and_overlaps_by_context(shape: tuple[int, ...], max_voxels: int) -> None:
+    patch, multiple, context = (40, 56, 40), 8, 32
+    layout = layout_windows(shape, max_voxels, patch, multiple, context)
+    assert layout.window_voxels <= max_voxels
+    assert list(layout.counts) == monai_windows(shape, layout.roi, layout.overlap)
+    for s, r, n, p in zip(shape, layout.roi, layout.counts, patch, strict=True):
+        assert r >= min(p, s) or r == p  # never below the training patch
+        if n > 1:
+            stride = (s - r) / (n - 1)
+            assert r - stride >= context - 1e-6  # neighbours share at least the network's context
+            assert r % multiple == 0
+    # far fewer network voxels than MONAI's stock 96^3 windows at 50% overlap
+    stock = math.prod(monai_windows(shape, (96, 96, 96), (0.5,) * 3)) * 96**3
+    if min(shape) >= 96:
+        assert layout.coverage(shape) * math.prod(shape) < stock / 2
+
+
+def test_receptive_field_of_a_four_level_unet() -> None:
+    assert receptive_field(UNET_3D) == 96
+    assert receptive_field(replace(UNET_3D, features=(8, 16))) == 18
+
+
+def test_large_ct_is_cut_into_slabs_within_budget() -> None:
+    shape = (512, 512, 600)
+    image = 4 * math.prod(shape)
+    committed = 550 * MiB + image + 2 * math.prod(shape)  # process + float32 image + masks
+    plan = plan_tiles(shape, UNET_3D, (40, 56, 40), 2 * GiB, committed, num_classes=3, image_bytes=image)
+    assert plan.half_blend and plan.slab < 600 and plan.margin >= 16
+    blend = math.prod((*shape[:-1], plan.slab + 2 * plan.margin)) * blend_bytes_per_voxel(3, half=True)
+    window = plan.layout.window_voxels * plan.sw_batch_size * window_bytes_per_voxel(UNET_3D)
+    assert committed - image // 2 + blend + window <= 0.9 * 2 * GiB  # the image is held in float16
+    print(plan.describe(shape))
+    assert "slabs" in plan.describe(shape)
+    with pytest.raises(MemoryError, match="raise --max-memory"):
+        plan_tiles(shape, UNET_3D, (40, 56, 40), 1 * GiB, committed, num_classes=3, image_bytes=image)
+
+
+def window_invariant_model(model: medunet.inference.SegmentationModel) -> medunet.inference.SegmentationModel:
+    """The same architecture with batch norm (fixed statistics in eval) and seeded random weights: its output
+    does not depend on which window a voxel falls in, except through padding at window edges."""
+    from medunet.networks import create_network
+
+    torch.manual_seed(0)
+    cfg = replace(model.network_config, norm="batch")
+    net = create_network(cfg).eval()
+    return replace(model, network=net, network_config=cfg)
+
+
+def test_slabs_and_small_windows_agree_with_one_pass(tiny_model: Path, tmp_path: Path) -> None:
+    model = window_invariant_model(medunet.load_model(tiny_model))
+    img, _ = make_blob_case(tmp_path, "big", seed=4, shape=(64, 72, 90))
+    x = prepare(load_image(img, 3), model).x.as_tensor()
+    shape, cfg, patch = tuple(x.shape[1:]), model.network_config, model.preprocess.patch_size
+    run = _predictor(model.network, (), channels_last=False)
+    one_plan = plan_tiles(shape, cfg, patch, budget=4 * GiB, committed=0, num_classes=3)
+    assert one_plan.slab == 90 and math.prod(one_plan.layout.counts) == 1 and not one_plan.half_blend
+    cut_plan = plan_tiles(shape, cfg, patch, budget=7 * MiB, committed=0, num_classes=3)
+    assert cut_plan.half_blend and cut_plan.slab < 90 and math.prod(cut_plan.layout.counts) > 1
+    one, _ = _blend(x, run, one_plan, 3, torch.device("cpu"), keep_probs=False)
+    cut, probs = _blend(x, run, cut_plan, 3, torch.device("cpu"), keep_probs=True)
+    assert probs is not None and probs.dtype == torch.float16
+    agree = (one == cut).float().mean().item()
+    assert agree > 0.995, agree
+
+
+def test_peak_memory_stays_under_budget(tiny_model: Path, tmp_path: Path) -> None:
+    """A real ``medunet infer`` process on a 32 M voxel scan (128 MB as float32) under a 1.2 GB budget."""
+    shape = (320, 320, 320)
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(shape[0], shape[1], 1)).astype(np.float32) + np.zeros(shape, np.float32)
+    path = tmp_path / "large.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    del data
+    budget = 1_200_000_000
+    code = (
+        "import resource, sys; from medunet.cli.main import main; sys.argv[0] = 'medunet';"
+        "\ntry:\n    main()\nfinally:\n"
+        "    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)"
+    )
+    args = ["infer", str(path), "-o", str(tmp_path / "m.nii.gz"), "--model", str(tiny_model)]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args, "--max-memory", str(budget)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stderr.split("PEAK")[-1].split()[0])
+    assert peak < budget, f"peak {peak / 1e9:.2f} GB over the {budget / 1e9:.2f} GB budget"
+    assert nib.load(tmp_path / "m.nii.gz").shape == shape
