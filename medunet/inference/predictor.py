@@ -157,7 +157,7 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
         raise InputError(prep.source, str(exc)) from None
     log.info("%s: %s", Path(prep.source).name, plan.describe(shape))
     if plan.half_blend:  # a large image is held and blended in float16 (the network still runs in float32)
-        prep.x = x = x.to(torch.float16)
+        prep.x = x = MetaTensor(x.to(torch.float16), meta=x.meta, applied_operations=x.applied_operations)
     if options.tta and not model.infer.tta_axes:
         raise InputError(
             model.source, "--tta: this model was trained without mirroring, so mirrored copies would only hurt"
