@@ -38,7 +38,7 @@ from volumes import REPO, tiled_volume
 
 from medunet.inference import load_model
 from medunet.inference.predictor import InferOptions, _to_input_grid, prepare, segment_prepared
-from medunet.inference.tiling import resident_memory
+from medunet.inference.tiling import parse_memory, resident_memory
 
 
 class PeakMemory:
@@ -124,6 +124,11 @@ def main() -> None:
     parser.add_argument("--grid", type=int, nargs=3, default=(6, 4, 4), help="hippocampus boxes per axis")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--max-memory", default=None, help="medunet's budget, e.g. 6GB (default: medunet's default)")
+    parser.add_argument(
+        "--floor", action="store_true", help="also run the stock recipe with 112^3 windows: how much masks move "
+        "with the tiling alone (instance norm makes a network's output depend on the window it sees)"
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     if args.threads:
@@ -146,24 +151,28 @@ def main() -> None:
     with PeakMemory() as mem_ours:
         start = time.perf_counter()
         prep = prepare(volume, model)
-        seg = segment_prepared(prep, model, InferOptions())
+        budget = parse_memory(args.max_memory) if args.max_memory else None
+        seg = segment_prepared(prep, model, InferOptions(max_memory=budget))
         t_ours = time.perf_counter() - start
     ours = seg.labels.numpy()
     plan, prep_shape = seg.plan, tuple(prep.x.shape[1:])
     assert plan is not None
     del seg, prep
 
-    with PeakMemory() as mem_stock:
-        start = time.perf_counter()
+    def stock_recipe(roi: int) -> np.ndarray:
         prep = prepare(volume, model)
-        inferer = SlidingWindowInferer(roi_size=(96,) * 3, sw_batch_size=4, overlap=0.5, mode="gaussian")
+        inferer = SlidingWindowInferer(roi_size=(roi,) * 3, sw_batch_size=4, overlap=0.5, mode="gaussian")
         with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
             logits = inferer(prep.x.as_tensor()[None].to(device), model.network)
-        stock_labels = torch.as_tensor(logits)[0].argmax(0).to(torch.uint8).cpu()
+        labels = torch.as_tensor(logits)[0].argmax(0).to(torch.uint8).cpu()
         del logits
-        stock_labels, _ = _to_input_grid(prep, stock_labels, None, resampled=False)
+        return _to_input_grid(prep, labels, None, resampled=False)[0].numpy()
+
+    with PeakMemory() as mem_stock:
+        start = time.perf_counter()
+        stock = stock_recipe(96)
         t_stock = time.perf_counter() - start
-    stock = stock_labels.numpy()
+    floor = dice(stock_recipe(112), stock, fg) if args.floor else None
 
     agree = dice(ours, stock, fg)
     ours_vs_label, stock_vs_label = dice(ours, label, fg), dice(stock, label, fg)
@@ -188,6 +197,12 @@ def main() -> None:
         + ", ".join(f"{n} {d:.4f}" for n, d in zip(model.label_names[1:], agree, strict=True))
         + f"; mean {np.mean(agree):.4f}"
     )
+    if floor is not None:
+        print(
+            "tiling alone (Dice stock 112^3 vs stock 96^3): "
+            + ", ".join(f"{n} {d:.4f}" for n, d in zip(model.label_names[1:], floor, strict=True))
+            + f"; mean {np.mean(floor):.4f}"
+        )
     print(
         "Dice vs labels: medunet "
         + ", ".join(f"{d:.4f}" for d in ours_vs_label)
@@ -216,6 +231,7 @@ def main() -> None:
                     "peak_stock": mem_stock.peak,
                     "conv_peak_flops": peak,
                     "fraction_medunet": achieved_ours / peak,
+                    "tiling_floor": floor,
                     "fraction_stock": achieved_stock / peak,
                 },
                 indent=2,

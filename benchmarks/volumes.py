@@ -77,7 +77,8 @@ def write_tiled(path: Path, grid: tuple[int, int, int], shape: tuple[int, ...] |
     image, label, affine = tiled_volume(grid, shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(image, affine), path)
-    nib.save(nib.Nifti1Image(label, affine), path.with_name(path.name.replace(".nii.gz", "_label.nii.gz")))
+    stem = path.name.removesuffix(".gz").removesuffix(".nii")
+    nib.save(nib.Nifti1Image(label, affine), path.with_name(f"{stem}_label.nii.gz"))
     return path
 
 

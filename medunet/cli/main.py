@@ -231,6 +231,9 @@ def infer(
                 on_done=lambda _job: bar.advance(task),
                 options=options,
                 extras=Extras(stats=stats, qc=qc, dicom_seg=dicom_seg),
+                on_error=lambda message: bar.console.print(
+                    f"medunet: error: {message}", soft_wrap=True, markup=False, highlight=False
+                ),
             )
         for path in result.written:
             print(f"wrote {path}")
@@ -239,9 +242,7 @@ def infer(
         if stats is not None:
             print(f"wrote {stats}")
         if result.failed:
-            if len(jobs) == 1:
-                print(f"medunet: error: {result.failed[0][1]}", file=sys.stderr)
-            else:
+            if len(jobs) > 1:
                 print(f"medunet: error: {len(result.failed)} of {len(jobs)} scans failed", file=sys.stderr)
             raise typer.Exit(1)
 

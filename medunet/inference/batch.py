@@ -163,6 +163,7 @@ def run_jobs(
     on_done: Callable[[Job], None] | None = None,
     options: InferOptions | None = None,
     extras: Extras | None = None,
+    on_error: Callable[[str], None] | None = None,
 ) -> BatchResult:
     """Segment every job; a bad file is reported and skipped while the others finish.
 
@@ -192,7 +193,7 @@ def run_jobs(
             except JOB_ERRORS as exc:
                 message = str(exc) if isinstance(exc, MedunetError) else f"{job.name}: {type(exc).__name__}: {exc}"
                 result.failed.append((job.name, message))
-                log.error("%s", message)
+                (on_error or log.error)(message)
             finally:
                 if on_done is not None:
                     on_done(job)

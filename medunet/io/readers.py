@@ -7,6 +7,7 @@ keeps it) places the voxels in the world; that affine is what the written mask c
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +63,16 @@ def choose_reader(path: Path, series: str | None = None) -> ImageReader:
     raise InputError(path, f"unsupported file type; expected one of {', '.join(SUPPORTED)} or a DICOM folder")
 
 
+def root_cause(exc: BaseException) -> str:
+    """One line for an exception from a reader: MONAI wraps the reader's error, traceback text included,
+    so take the first ``SomeError: message`` line, without the error's module path."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_.]+(Error|Exception): ", line)]
+    text = causes[0] if causes else f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    name, _, message = text.partition(": ")
+    return f"{name.rsplit('.', 1)[-1]}: {message}"
+
+
 def load_image(
     paths: str | Path | Sequence[str | Path],
     spatial_dims: int | tuple[int, ...] | None = None,
@@ -83,7 +94,7 @@ def load_image(
         except InputError:
             raise
         except Exception as exc:  # readers raise many types; the user needs the file and the reason
-            raise InputError(path, f"cannot be read as an image ({type(exc).__name__}: {exc})") from None
+            raise InputError(path, f"cannot be read as an image ({root_cause(exc)})") from None
         img = _squeeze_to(img, path, spatial_dims)
         channels.append(img)
     first = channels[0]

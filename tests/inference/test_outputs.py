@@ -1,0 +1,175 @@
+"""What ``medunet infer`` writes beside the mask: statistics, QC pictures, DICOM SEG; and its options."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+
+import medunet
+from medunet.inference.predictor import InferOptions, keep_largest_components
+from medunet.io.dicom_seg import write_dicom_seg
+from tests.cli.test_cli import error_lines, medunet as run_medunet
+from tests.conftest import REPO, make_blob_case
+
+CT = ("totalseg_examples", "example_ct_dicom")
+
+
+def test_folder_with_stats_qc_and_a_bad_file(tiny_model: Path, tmp_path: Path) -> None:
+    scans = tmp_path / "scans"
+    make_blob_case(scans, "iso", seed=1)
+    make_blob_case(scans, "aniso", seed=2, affine=np.diag([0.5, 0.5, 3.0, 1.0]))
+    for p in scans.glob("*_lab.nii.gz"):
+        p.unlink()
+    (scans / "broken.nii.gz").write_bytes(b"not a scan")
+    masks, stats, qc = tmp_path / "masks", tmp_path / "stats.csv", tmp_path / "qc"
+    proc = run_medunet(
+        "infer", str(scans), "-o", str(masks), "--model", str(tiny_model), "--stats", str(stats), "--qc", str(qc), "-q"
+    )
+    assert proc.returncode == 1  # one scan failed: reported, the others finished
+    first, summary = error_lines(proc)
+    assert first.startswith(f"medunet: error: {scans / 'broken.nii.gz'}: cannot be read")
+    assert summary == "medunet: error: 1 of 3 scans failed" and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in masks.iterdir()) == ["aniso_img.nii.gz", "iso_img.nii.gz"]
+    rows = list(csv.DictReader(stats.open()))
+    assert [(r["scan"], r["name"]) for r in rows] == [
+        ("aniso_img", "one"), ("aniso_img", "two"), ("iso_img", "one"), ("iso_img", "two")
+    ]  # fmt: skip
+    for r in rows:
+        mask = np.asarray(nib.load(masks / f"{r['scan']}.nii.gz").dataobj)
+        assert int(r["voxels"]) == int((mask == int(r["label"])).sum())
+        voxel_ml = 0.75 / 1000 if r["scan"] == "aniso_img" else 1 / 1000
+        assert float(r["volume_ml"]) == pytest.approx(int(r["voxels"]) * voxel_ml, abs=1e-4)
+    for name in ("aniso_img", "iso_img"):
+        with Image.open(qc / f"{name}.png") as picture:
+            assert picture.width > 300 and picture.height > 200
+    assert not (qc / "broken.png").exists()
+
+
+def test_budget_and_window_options(tiny_model: Path, tmp_path: Path) -> None:
+    img, _ = make_blob_case(tmp_path, "scan", seed=5)
+    out = tmp_path / "m.nii.gz"
+    small = run_medunet("infer", str(img), "-o", str(out), "--model", str(tiny_model), "--max-memory", "100MB")
+    assert small.returncode == 1 and not out.exists()
+    assert error_lines(small)[0].startswith(f"medunet: error: {img}: the memory budget (0.09 GiB) is already taken")
+    bad_roi = run_medunet("infer", str(img), "-o", str(out), "--model", str(tiny_model), "--roi", "big")
+    assert bad_roi.returncode == 1 and error_lines(bad_roi) == [
+        "medunet: error: --roi 'big': write sizes like 96,96,96"
+    ]
+    ok = run_medunet(
+        "infer", str(img), "-o", str(out), "--model", str(tiny_model), "--roi", "16,16,16", "--overlap", "0.5",
+        "--postprocess", "largest-component", "--max-memory", "4GB",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "windows 16x16x16 (" in ok.stderr
+
+
+def test_keep_largest_components() -> None:
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:8, 2:8, 2:8] = 1  # large
+    labels[12:14, 12:14, 12:14] = 1  # small, separate
+    labels[15:19, 2:6, 2:6] = 2
+    labels[2:4, 15:17, 15:17] = 2
+    kept = keep_largest_components(torch.from_numpy(labels), 3).numpy()
+    assert (kept[2:8, 2:8, 2:8] == 1).all() and (kept[12:14, 12:14, 12:14] == 0).all()
+    assert (kept[15:19, 2:6, 2:6] == 2).all() and (kept[2:4, 15:17, 15:17] == 0).all()
+
+
+def test_tta_needs_mirroring_and_makes_output_mirror_symmetric(tiny_model: Path, tmp_path: Path) -> None:
+    img, _ = make_blob_case(tmp_path, "scan", seed=6)
+    refused = run_medunet("infer", str(img), "-o", str(tmp_path / "m.nii.gz"), "--model", str(tiny_model), "--tta")
+    assert refused.returncode == 1 and "trained without mirroring" in error_lines(refused)[0]
+
+    model = medunet.load_model(tiny_model)
+    model = replace(model, infer=replace(model.infer, tta_axes=(0,)))
+    nii = nib.load(img)
+    mirrored = tmp_path / "mirrored.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(nii.dataobj)[::-1].copy(), nii.affine), mirrored)
+    a = medunet.segment(img, model, options=InferOptions(tta=True)).labels.numpy()
+    b = medunet.segment(mirrored, model, options=InferOptions(tta=True)).labels.numpy()
+    assert (a == b[::-1]).mean() > 0.999
+    plain = medunet.segment(img, model).labels.numpy()
+    assert 0.5 < (plain == a).mean() < 1.0 or (plain == a).all()
+
+
+def expected_ct_frames(data_dir: Path) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """TotalSegmentator's label map of the CT series (liver -> 1, spleen -> 2), on its own RAS grid, and
+    the same labels as DICOM frames (rows = +y LPS, columns = +x LPS) per slice position."""
+    nii = nib.load(data_dir / "totalseg_examples" / "example_seg_dicom.nii.gz")
+    raw = np.asarray(nii.dataobj)
+    classes = np.zeros(raw.shape, np.uint8)
+    classes[raw == 5], classes[raw == 1] = 1, 2
+    assert nib.aff2axcodes(nii.affine) == ("L", "A", "S")
+    frames = np.stack([classes[:, ::-1, k].T for k in range(raw.shape[2])])
+    z = [float(nii.affine[2, 3] + nii.affine[2, 2] * k) for k in range(raw.shape[2])]
+    return classes, frames, z
+
+
+def test_dicom_seg_of_the_ct_series(data_dir: Path, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    classes, frames, z = expected_ct_frames(data_dir)
+    affine = nib.load(data_dir / "totalseg_examples" / "example_seg_dicom.nii.gz").affine
+    out = write_dicom_seg(
+        classes, affine, data_dir.joinpath(*CT), tmp_path / "ct.seg.dcm", ["background", "liver", "spleen"], "test"
+    )
+    ds = pydicom.dcmread(out)
+    assert ds.Modality == "SEG" and ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    present = [(c, k) for c in (1, 2) for k in range(frames.shape[0]) if (frames[k] == c).any()]
+    assert int(ds.NumberOfFrames) == len(present)  # one frame per non-empty slice and segment
+    assert [s.SegmentLabel for s in ds.SegmentSequence] == ["liver", "spleen"]
+    # references the source series: every source instance, one series UID (derived: the files have none)
+    source = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(data_dir.joinpath(*CT).iterdir())]
+    referenced = ds.ReferencedSeriesSequence[0]
+    assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} == {
+        s.file_meta.MediaStorageSOPInstanceUID for s in source
+    }
+    again = pydicom.dcmread(
+        write_dicom_seg(classes, affine, data_dir.joinpath(*CT), tmp_path / "b.dcm", ["b", "l", "s"], "t")
+    )
+    assert again.ReferencedSeriesSequence[0].SeriesInstanceUID == referenced.SeriesInstanceUID
+    # every frame holds the right slice of the right segment
+    seg = hd.seg.segread(out)
+    pixels = seg.pixel_array
+    for i, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        position = float(group.PlanePositionSequence[0].ImagePositionPatient[2])
+        k = int(np.argmin([abs(position - v) for v in z]))
+        assert abs(z[k] - position) < 1e-3
+        np.testing.assert_array_equal(pixels[i] > 0, frames[k] == number)
+    if shutil.which("dciodvfy"):
+        report = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True)
+        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors
+
+
+def test_dicom_seg_through_the_cli_leaks_no_identifiers(data_dir: Path, tmp_path: Path) -> None:
+    series = tmp_path / "series"
+    series.mkdir()
+    for f in sorted(data_dir.joinpath(*CT).iterdir())[8:14]:
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JANE", "MRN123456", "19700101"
+        ds.save_as(series / f.name)
+    out = tmp_path / "out" / "ct.nii.gz"
+    model = REPO / "bundles" / "hippocampus_mri_3d"
+    proc = run_medunet("infer", str(series), "-o", str(out), "--model", str(model), "--dicom-seg")
+    assert proc.returncode == 0, proc.stderr
+    seg = pydicom.dcmread(out.parent / "ct.seg.dcm")
+    assert seg.Modality == "SEG" and len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 6
+    assert str(seg.PatientName) == "DOE^JANE"  # the SEG belongs to the patient's study, as the standard requires
+    for secret in ("DOE", "JANE", "MRN123456", "19700101"):
+        assert secret not in proc.stdout and secret not in proc.stderr
+
+    nifti = run_medunet("infer", str(REPO / "examples" / "hippocampus_017.nii.gz"), "-o", str(tmp_path / "h.nii.gz"),
+                        "--dicom-seg", "-q")  # fmt: skip
+    assert nifti.returncode == 1 and "--dicom-seg needs a DICOM series folder" in nifti.stderr
+    assert not (tmp_path / "h.nii.gz").exists()
