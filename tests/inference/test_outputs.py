@@ -18,7 +18,8 @@ from PIL import Image
 import medunet
 from medunet.inference.predictor import InferOptions, keep_largest_components
 from medunet.io.dicom_seg import write_dicom_seg
-from tests.cli.test_cli import error_lines, medunet as run_medunet
+from tests.cli.test_cli import error_lines
+from tests.cli.test_cli import medunet as run_medunet
 from tests.conftest import REPO, make_blob_case
 
 CT = ("totalseg_examples", "example_ct_dicom")
