@@ -67,6 +67,10 @@ def _run(fn: Callable[[], T]) -> T:
     except (MedunetError, ConfigError, ValueError) as exc:
         print(f"medunet: error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
+    except OSError as exc:  # e.g. an output folder that cannot be written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"medunet: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
     except MemoryError as exc:
         print(
             f"medunet: error: out of memory ({exc or 'allocation failed'}); lower --max-memory or free memory",

@@ -179,8 +179,12 @@ def run_jobs(
                 if skip_existing and job.output.exists():
                     result.skipped.append(job.output)
                     continue
+                if more.dicom_seg and not job.inputs[0].is_dir():
+                    raise InputError(job.inputs[0], "--dicom-seg needs a DICOM series folder as input")
                 seg = segment(list(job.inputs), model, series=series, options=opts, keep_scan=more.qc is not None)
-                if more.dicom_seg:
+                if more.dicom_seg and not seg.labels.any():
+                    log.warning("%s: no label found, so no DICOM SEG (it needs a segment)", job.name)
+                elif more.dicom_seg:
                     write_dicom_seg(
                         seg.labels.numpy(), seg.affine, job.inputs[0], seg_path(job.output),
                         model.label_names, Path(model.source).name, series,
@@ -190,6 +194,7 @@ def run_jobs(
                     qc_picture(seg.scan, seg.labels.numpy(), model.label_names, qc, title=scan_name(job.output))
                 result.written.append(write_segmentation(seg, model, job.output))
                 rows += label_statistics(seg, model, scan_name(job.output))
+                del seg  # before the next scan is planned against the memory budget
             except JOB_ERRORS as exc:
                 message = str(exc) if isinstance(exc, MedunetError) else f"{job.name}: {type(exc).__name__}: {exc}"
                 result.failed.append((job.name, message))

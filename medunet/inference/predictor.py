@@ -20,7 +20,6 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Spacingd
 
-from medunet.config import NetworkConfig
 from medunet.errors import InputError
 from medunet.inference.model import SegmentationModel
 from medunet.inference.tiling import TilePlan, default_memory_budget, plan_tiles, resident_memory
@@ -103,13 +102,13 @@ def _predictor(network: torch.nn.Module, tta_axes: Sequence[int], channels_last:
     return run
 
 
-def _slice_predictor(run: Callable) -> Callable:
+def _slice_predictor(run: Callable, slices_at_once: int) -> Callable:
     """A 2D window function applied to every slice of a ``(B, C, H, W, D)`` window."""
 
     def run_slices(window: torch.Tensor) -> torch.Tensor:
         b, c, h, w, d = window.shape
         slices = window.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w)
-        out = torch.cat([run(part) for part in slices.split(16)])
+        out = torch.cat([run(part) for part in slices.split(slices_at_once)])
         return out.reshape(b, d, -1, h, w).permute(0, 2, 3, 4, 1)
 
     return run_slices
@@ -129,29 +128,33 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
     num_classes = model.preprocess.num_classes
     dims = model.preprocess.spatial_dims
     shape = tuple(x.shape[1:])
-    patch = tuple(model.preprocess.patch_size) + ((1,) if prep.slice_wise else ())
-    net_cfg = model.network_config
     budget = options.max_memory or default_memory_budget()
     resampled = any(isinstance(t, Spacingd) for t in prep.transform.transforms)
     committed = resident_memory() + 2 * math.prod(prep.input_shape)  # + the uint8 masks on both grids
-    if options.probabilities or resampled:
-        committed += math.prod(shape) * num_classes * (2 if not resampled else 4)
+    if options.probabilities:
+        committed += math.prod(shape) * num_classes * 2  # float16
+    if resampled:  # probabilities resampled back: float32 on both grids and MONAI's sampling grid
+        committed += math.prod(shape) * num_classes * 4 + math.prod(prep.input_shape) * (num_classes * 4 + 24)
+    # float16 holds normalized intensities; an image left unnormalized may exceed its range
+    half_allowed = bool(x.abs().max() < 6e4)
     roi = options.roi
     if roi is not None and len(roi) != dims:
         raise InputError(prep.source, f"--roi {roi} has {len(roi)} sides; the model is {dims}D")
     try:
         plan = plan_tiles(
             shape,
-            _slice_config(net_cfg) if prep.slice_wise else net_cfg,
-            patch,
+            model.network_config,
+            model.preprocess.patch_size,
             budget,
             committed,
             num_classes,
             window_device_budget=_window_device_budget(device),
             half_precision=device.type == "cuda",
-            roi=(*roi, 1) if roi is not None and prep.slice_wise else roi,
+            roi=roi,
             overlap=options.overlap,
             image_bytes=x.numel() * x.element_size(),
+            slice_wise=prep.slice_wise,
+            half_allowed=half_allowed,
         )
     except MemoryError as exc:
         raise InputError(prep.source, str(exc)) from None
@@ -165,7 +168,7 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
     tta_axes = model.infer.tta_axes if options.tta else ()
     run = _predictor(model.network, tta_axes, device.type == "cuda" and dims == 3)
     if prep.slice_wise:
-        run = _slice_predictor(run)
+        run = _slice_predictor(run, plan.sw_batch_size)
     labels, probs = _blend(x.as_tensor(), run, plan, num_classes, device, options.probabilities or resampled)
     labels, probs = _to_input_grid(prep, labels, probs, resampled)
     if probs is not None and not options.probabilities:
@@ -174,12 +177,6 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
         labels = keep_largest_components(labels, num_classes)
     spacing = tuple(float(v) for v in np.linalg.norm(prep.affine[:-1, :-1], axis=0))
     return Segmentation(labels, prep.affine, probs, prep.source, spacing, plan=plan)
-
-
-def _slice_config(cfg: NetworkConfig) -> NetworkConfig:
-    """Windows of a 2D network over a volume are 3D boxes one slice deep: plan them with the 2D network
-    (``plan_tiles`` counts one slice's activations per window slice)."""
-    return replace(cfg, spatial_dims=3)
 
 
 def _blend(
@@ -199,14 +196,14 @@ def _blend(
     amp = device.type == "cuda"
     for start in range(0, depth, plan.slab):
         stop = min(depth, start + plan.slab)
-        lo, hi = max(0, start - plan.margin), min(depth, stop + plan.margin)
+        lo, hi = plan.slab_bounds(start, depth)
         inferer = SlidingWindowInferer(
             roi_size=plan.layout.roi,
-            sw_batch_size=plan.sw_batch_size,
+            sw_batch_size=1 if plan.slice_wise else plan.sw_batch_size,
             overlap=plan.layout.overlap,
             mode="gaussian",
             sw_device=device,
-            device=device if plan.slab == depth else torch.device("cpu"),
+            device=device if plan.blend_on_device or device.type == "cpu" else torch.device("cpu"),
         )
         slab = x[None, ..., lo:hi]  # MONAI blends in the input's dtype: float16 for large images
         with torch.inference_mode(), torch.autocast(device.type, enabled=amp):

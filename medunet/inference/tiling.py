@@ -180,10 +180,19 @@ class TilePlan:
     slab: int  # kept slices per slab along the last axis (== depth: one pass over the whole image)
     margin: int  # context slices added on both sides of a slab
     layout: Layout  # windows of a full slab
-    sw_batch_size: int
+    sw_batch_size: int  # windows per network call (slices per call for a 2D network over a volume)
     budget: int
     window_budget: int
     half_blend: bool = False  # blend slabs in float16 (large images), else float32
+    blend_on_device: bool = False  # blending buffers on the GPU (else in CPU memory)
+    slice_wise: bool = False  # a 2D network over a volume: windows span the slab's depth
+
+    def slab_bounds(self, start: int, depth: int) -> tuple[int, int]:
+        """Input slices ``[lo, hi)`` for the slab kept at ``start``: its margins, shifted inward at the
+        image's ends so that every slab has the planned depth (real slices rather than padding)."""
+        size = min(depth, self.slab + 2 * self.margin)
+        lo = max(0, min(start - self.margin, depth - size))
+        return lo, lo + size
 
     def describe(self, shape: Sequence[int]) -> str:
         slabs = math.ceil(shape[-1] / self.slab)
@@ -200,7 +209,7 @@ class TilePlan:
         """Voxels fed to the network for an image of ``shape`` (every slab's windows)."""
         total = 0
         for start in range(0, shape[-1], self.slab):
-            lo, hi = max(0, start - self.margin), min(shape[-1], start + self.slab + self.margin)
+            lo, hi = self.slab_bounds(start, shape[-1])
             slab = (*shape[:-1], hi - lo)
             counts = [_monai_count(s, r, o) for s, r, o in zip(slab, self.layout.roi, self.layout.overlap, strict=True)]
             total += math.prod(counts) * self.layout.window_voxels
@@ -222,26 +231,31 @@ def plan_tiles(
     roi: Sequence[int] | None = None,
     overlap: float | None = None,
     image_bytes: int = 0,
+    slice_wise: bool = False,
+    half_allowed: bool = True,
 ) -> TilePlan:
     """Choose windows and slabs so that ``committed`` bytes (the process and its loaded image, mask and
     probabilities) plus the blending buffers and one window's activations stay within ``budget``.
 
     A tenth of the budget is kept for what is not counted (transforms, writing, allocator slack).
-    When the image's float32 buffers do not fit, it is blended in float16 slabs and the float32
-    image (``image_bytes`` of ``committed``) is held in float16 too.
+    When the image's float32 buffers do not fit (and ``half_allowed``), it is blended in float16
+    slabs and the float32 image (``image_bytes`` of ``committed``) is held in float16 too.
 
-    ``window_device_budget`` bounds the window activations separately when they live on a GPU.
-    ``roi`` and ``overlap`` (a fraction, as MONAI's) override the automatic choice.
+    ``slice_wise``: ``cfg`` is a 2D network run on every slice of a 3D ``shape``; windows tile the
+    plane only and slabs need no margin. ``window_device_budget`` bounds the window activations
+    separately when they live on a GPU; the blending buffers stay there only if they are small
+    beside it. ``roi`` and ``overlap`` (a fraction, as MONAI's) override the automatic choice.
     """
     multiple = 2 ** (len(cfg.features) - 1)
     context = multiple * max(1, math.ceil(receptive_field(cfg) / (6 * multiple)))  # a sixth of the field
     per_window_voxel = window_bytes_per_voxel(cfg, half_precision)
+    window_dims = len(shape) - 1 if slice_wise else len(shape)
     usable = int(budget * 0.9)
     free = usable - committed
     plane = math.prod(shape[:-1])
     depth = shape[-1]
-    minimum = math.prod(max(int(s), int(p)) if s < p else int(p) for s, p in zip(shape, patch, strict=True))
-    if free <= 0:
+    minimum = math.prod(int(p) for p in patch[:window_dims])
+    if free + (image_bytes // 2 if half_allowed else 0) <= 0:
         raise MemoryError(
             f"the memory budget ({budget / GiB:.2f} GiB) is already taken by the loaded image and the process "
             f"({committed / GiB:.2f} GiB); raise --max-memory"
@@ -249,37 +263,45 @@ def plan_tiles(
     # One float32 pass when the whole image's blending buffers take at most half of what is free;
     # otherwise float16 slabs, with half of what is free for the slab and half for the window.
     whole = plane * depth * blend_bytes_per_voxel(num_classes)
-    half_blend = False
+    half_blend = blend_on_device = False
     margin, slab = 0, depth
-    if window_device_budget is not None and whole <= free // 2:
-        window_budget = window_device_budget
-    elif whole <= free // 2 and whole + minimum * per_window_voxel <= free:
+    if free > 0 and whole <= free // 2 and whole + minimum * per_window_voxel <= free:
         window_budget = free - whole
     else:
-        half_blend = True
-        free += image_bytes // 2
+        half_blend = half_allowed
+        free += image_bytes // 2 if half_allowed else 0
         slab_budget = free // 2
-        window_budget = window_device_budget or free - slab_budget
-        per_voxel = blend_bytes_per_voxel(num_classes, half=True)
+        window_budget = free - slab_budget
+        per_voxel = blend_bytes_per_voxel(num_classes, half=half_allowed)
         if plane * depth * per_voxel > slab_budget:
-            margin = min(max(context // 2, multiple), depth)
+            margin = 0 if slice_wise else min(max(context // 2, multiple), depth)
             slab = min(int(slab_budget // (plane * per_voxel)) - 2 * margin, depth)
+            if not slice_wise:  # a slab at least as deep as the training patch, so MONAI does not pad it
+                slab = max(slab, min(depth, int(patch[-1])) - 2 * margin)
             if slab < 1:
                 raise MemoryError(
                     f"one slab of {plane} voxels per slice with its context does not fit the memory budget "
                     f"({budget / GiB:.2f} GiB, {committed / GiB:.2f} GiB already taken); raise --max-memory"
                 )
+    if window_device_budget is not None:
+        blend_on_device = slab == depth and whole <= window_device_budget // 4
+        window_budget = window_device_budget - (whole if blend_on_device else 0)
     slab_shape = (*shape[:-1], min(depth, slab + 2 * margin))
-    max_voxels = int(window_budget // per_window_voxel)
+    window_shape = slab_shape[:window_dims]
+    # no tensor of the top level (2 x features[0] channels) may pass 2^31 elements (CUDA kernels)
+    max_voxels = min(int(window_budget // per_window_voxel), 2**31 // (4 * cfg.features[0]))
     if roi is not None:
-        roi_t = tuple(int(r) for r in roi)
+        roi_t = tuple(int(r) for r in roi)[:window_dims]
         ov = 0.5 if overlap is None else overlap
-        counts = tuple(_monai_count(s, r, ov) for s, r in zip(slab_shape, roi_t, strict=True))
+        counts = tuple(_monai_count(s, r, ov) for s, r in zip(window_shape, roi_t, strict=True))
         layout = Layout(roi_t, (ov,) * len(roi_t), counts)
     else:
-        layout = layout_windows(slab_shape, max_voxels, patch, multiple, context)
+        layout = layout_windows(window_shape, max_voxels, patch[:window_dims], multiple, context)
         if overlap is not None:
-            counts = tuple(_monai_count(s, r, overlap) for s, r in zip(slab_shape, layout.roi, strict=True))
+            counts = tuple(_monai_count(s, r, overlap) for s, r in zip(window_shape, layout.roi, strict=True))
             layout = Layout(layout.roi, (overlap,) * len(layout.roi), counts)
     batch = max(1, min(8, max_voxels // max(layout.window_voxels, 1), math.prod(layout.counts)))
-    return TilePlan(slab, margin, layout, batch, budget, window_budget, half_blend)
+    if slice_wise:  # one window spans the slab's depth; its slices go through the network ``batch`` at a time
+        batch = max(1, min(16, max_voxels // max(layout.window_voxels, 1), slab_shape[-1]))
+        layout = Layout((*layout.roi, slab_shape[-1]), (*layout.overlap, 0.0), (*layout.counts, 1))
+    return TilePlan(slab, margin, layout, batch, budget, window_budget, half_blend, blend_on_device, slice_wise)

@@ -113,6 +113,8 @@ def write_dicom_seg(
         frames = frames_from_volume(labels, affine, datasets)
     except ValueError as exc:
         raise InputError(source, str(exc)) from None
+    except (AttributeError, KeyError, TypeError) as exc:  # e.g. no ImagePositionPatient or PixelSpacing
+        raise InputError(source, f"the series lacks the plane geometry a DICOM SEG needs ({exc})") from None
     if labels.max() == 0:
         raise InputError(source, "--dicom-seg: the mask is empty, and a DICOM SEG needs at least one segment")
     present = sorted(int(v) for v in np.unique(frames) if v > 0)
@@ -135,21 +137,24 @@ def write_dicom_seg(
         )
         for c in present
     ]
-    seg = hd.seg.Segmentation(
-        source_images=datasets,
-        pixel_array=lut[frames],
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=9901,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="medunet",
-        manufacturer_model_name=algorithm[:64] or "medunet",
-        software_versions=__version__,
-        device_serial_number="none",
-        series_description="medunet segmentation",
-    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=datasets,
+            pixel_array=lut[frames],
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=9901,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="medunet",
+            manufacturer_model_name=algorithm[:64] or "medunet",
+            software_versions=__version__,
+            device_serial_number="none",
+            series_description="medunet segmentation",
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a source image highdicom cannot reference
+        raise InputError(source, f"cannot make a DICOM SEG for this series ({exc})") from None
     with atomic_path(output) as tmp:
         seg.save_as(tmp)
     return output

@@ -6,6 +6,10 @@ random part applied every time a training case is drawn.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -24,7 +28,7 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
-from monai.transforms.transform import Transform
+from monai.transforms.transform import MapTransform, Transform
 
 from medunet.config import AugmentConfig, Normalization, PreprocessConfig
 from medunet.transforms.loading import LoadCased, TakeSliced
@@ -46,6 +50,41 @@ def normalization(cfg: PreprocessConfig, key: str = "image") -> list[Transform]:
     return []
 
 
+class InPlaceIntensityd(MapTransform):
+    """The inference form of ``normalization``: MONAI's ``NormalizeIntensityd(channel_wise=True)`` or
+    ``ScaleIntensityRanged`` (CT window), computed in place with the same operations in the same
+    order, so the values are identical but no full-size temporaries are made (a 512x512x600 CT would
+    otherwise need three float32 copies at once). The image tensor passed in is overwritten.
+    """
+
+    def __init__(self, cfg: PreprocessConfig, key: str = "image") -> None:
+        super().__init__(keys=key)
+        self.cfg = cfg
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if not img.is_floating_point() or img.dtype != torch.float32:
+                img = img.to(torch.float32)
+            if self.cfg.normalization is Normalization.ZSCORE:
+                for channel in img:
+                    mean = torch.mean(channel).item()
+                    std = torch.std(channel, unbiased=False).item()
+                    channel.sub_(mean).div_(std if std != 0.0 else 1.0)
+            else:  # CT window to [0, 1]
+                lo, hi = self.cfg.ct_window
+                img.sub_(lo).div_(hi - lo).mul_(1.0).add_(0.0).clamp_(0.0, 1.0)
+            d[key] = img
+        return d
+
+
+def inference_normalization(cfg: PreprocessConfig) -> list[Transform]:
+    """Normalization for inference: in place where it can be (see ``InPlaceIntensityd``)."""
+    in_place = cfg.normalization is Normalization.CT or (cfg.normalization is Normalization.ZSCORE and not cfg.nonzero)
+    return [InPlaceIntensityd(cfg)] if in_place else normalization(cfg)
+
+
 def spatial_preprocess(cfg: PreprocessConfig, keys: tuple[str, ...], image_dims: int) -> list[Transform]:
     """Orientation and optional resampling of loaded ``image_dims``-D image (and label) tensors."""
     steps: list[Transform] = []
@@ -63,7 +102,9 @@ def inference_transform(cfg: PreprocessConfig, image_dims: int | None = None) ->
     ``image_dims`` is 3 when a 2D model segments a 3D volume slice by slice.
     """
     dims = image_dims or cfg.spatial_dims
-    return Compose([*spatial_preprocess(cfg, ("image",), dims), *normalization(cfg), EnsureTyped(keys="image")])
+    return Compose(
+        [*spatial_preprocess(cfg, ("image",), dims), *inference_normalization(cfg), EnsureTyped(keys="image")]
+    )
 
 
 def preprocess_transform(cfg: PreprocessConfig, pad_to_patch: bool, volume_dims: int | None = None) -> Compose:
