@@ -217,6 +217,8 @@ def infer(
             roi=_parse_sizes(roi, "--roi") if roi else None,
             max_memory=parse_memory(max_memory) if max_memory else None,
         )
+        if stats is not None and stats.is_dir():
+            raise ValueError(f"--stats {stats}: is a folder; give the CSV file to write")
         ref = model or default_model_path()
         seg_model = load_model(ref, device=resolve_device(device), tracking_uri=tracking_uri)
         if model is None:

@@ -64,8 +64,12 @@ class Prepared:
     slice_wise: bool  # a 2D model over a 3D volume
 
 
-def prepare(image: MetaTensor, model: SegmentationModel) -> Prepared:
-    """Check channels and dimensions, then orient, resample and normalize like training did."""
+def prepare(image: MetaTensor, model: SegmentationModel, own: bool = False) -> Prepared:
+    """Check channels and dimensions, then orient, resample and normalize like training did.
+
+    Normalization works in place; ``own`` says the caller gives ``image`` up (a scan loaded for this
+    call), otherwise a copy is normalized and ``image`` is left as it was.
+    """
     source = str(image.meta.get("filename_or_obj", "image"))
     expected = model.network_config.in_channels
     if image.shape[0] != expected:
@@ -77,7 +81,7 @@ def prepare(image: MetaTensor, model: SegmentationModel) -> Prepared:
     if any(s < 1 for s in image.shape[1:]):
         raise InputError(source, f"image has an empty axis {tuple(image.shape[1:])}")
     transform = inference_transform(model.preprocess, image_dims)
-    x = transform({"image": image})["image"]
+    x = transform({"image": image if own else image.clone()})["image"]
     if not torch.isfinite(x).all():
         raise InputError(source, "image holds NaN or infinite values")
     affine = np.asarray(image.affine)
@@ -290,8 +294,8 @@ def segment(
         dims = model.preprocess.spatial_dims
         paths = [Path(image)] if isinstance(image, str | Path) else list(image)
         loaded = load_image(paths, spatial_dims=(2, 3) if dims == 2 else dims, series=series)
-        prep = prepare(loaded, model)
         scan = loaded[0].numpy().copy() if keep_scan else None
+        prep = prepare(loaded, model, own=True)
         del loaded
     seg = segment_prepared(prep, model, opts)
     return replace(seg, scan=scan) if scan is not None else seg

@@ -174,3 +174,13 @@ def test_dicom_seg_through_the_cli_leaks_no_identifiers(data_dir: Path, tmp_path
                         "--dicom-seg", "-q")  # fmt: skip
     assert nifti.returncode == 1 and "--dicom-seg needs a DICOM series folder" in nifti.stderr
     assert not (tmp_path / "h.nii.gz").exists()
+
+
+def test_unwritable_outputs_are_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    img, _ = make_blob_case(tmp_path, "scan", seed=7)
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    proc = run_medunet("infer", str(img), "-o", str(tmp_path / "m.nii.gz"), "--model", str(tiny_model),
+                       "--stats", str(folder), "-q")  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(error_lines(proc)) == 1 and str(folder) in error_lines(proc)[0]

@@ -146,3 +146,25 @@ def test_peak_memory_stays_under_budget(tiny_model: Path, tmp_path: Path) -> Non
     peak = int(proc.stderr.split("PEAK")[-1].split()[0])
     assert peak < budget, f"peak {peak / 1e9:.2f} GB over the {budget / 1e9:.2f} GB budget: {proc.stderr}"
     assert nib.load(tmp_path / "m.nii.gz").shape == shape
+
+
+def test_a_2d_network_over_a_volume_tiles_the_plane_only() -> None:
+    cfg = NetworkConfig(name="unet", spatial_dims=2, in_channels=1, out_channels=2, features=(16, 32, 64, 128, 256))
+    shape = (512, 512, 200)
+    image = 4 * math.prod(shape)
+    plan = plan_tiles(shape, cfg, (256, 256), 2 * GiB, 550 * MiB + image, 2, image_bytes=image, slice_wise=True)
+    assert plan.slice_wise and plan.margin == 0
+    assert plan.layout.roi[-1] == min(200, plan.slab) and plan.layout.counts[-1] == 1  # no windows along depth
+    assert 1 <= plan.sw_batch_size <= 16  # slices per network call
+
+
+def test_slabs_keep_their_depth_at_the_ends() -> None:
+    shape = (512, 512, 300)
+    image = 4 * math.prod(shape)
+    plan = plan_tiles(shape, UNET_3D, (40, 56, 40), 2 * GiB, 550 * MiB + image, 3, image_bytes=image)
+    assert plan.slab < 300
+    bounds = [plan.slab_bounds(start, 300) for start in range(0, 300, plan.slab)]
+    assert {hi - lo for lo, hi in bounds} == {plan.slab + 2 * plan.margin}  # never a short, padded slab
+    for start, (lo, hi) in zip(range(0, 300, plan.slab), bounds, strict=True):
+        assert lo <= start and min(300, start + plan.slab) <= hi
+    assert plan.layout.roi[-1] <= plan.slab + 2 * plan.margin
