@@ -43,6 +43,13 @@ def make_blob_case(folder: Path, name: str, shape=(24, 28, 20), seed: int = 0, a
     return img_p, lab_p
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``; undo it after each test so that a
+    server started by one test is not what the commands of the next one talk to."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def blob_manifest(tmp_path: Path) -> Path:
     """A manifest of 8 tiny generated cases from 4 patients (two scans each)."""
