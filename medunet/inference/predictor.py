@@ -82,10 +82,16 @@ def prepare(image: MetaTensor, model: SegmentationModel, own: bool = False) -> P
         raise InputError(source, f"image has an empty axis {tuple(image.shape[1:])}")
     transform = inference_transform(model.preprocess, image_dims)
     x = transform({"image": image if own else image.clone()})["image"]
-    if not torch.isfinite(x).all():
+    if not intensity_range(x).isfinite().all():
         raise InputError(source, "image holds NaN or infinite values")
     affine = np.asarray(image.affine)
     return Prepared(x, transform, tuple(image.shape[1:]), affine, source, image_dims != dims)
+
+
+def intensity_range(x: torch.Tensor) -> torch.Tensor:
+    """``[min, max]`` of ``x`` (NaN if it holds one), by reduction: no full-size temporary."""
+    lo, hi = torch.aminmax(x)
+    return torch.stack([lo, hi]).float()
 
 
 def _predictor(network: torch.nn.Module, tta_axes: Sequence[int], channels_last: bool) -> Callable:
@@ -140,7 +146,7 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
     if resampled:  # probabilities resampled back: float32 on both grids and MONAI's sampling grid
         committed += math.prod(shape) * num_classes * 4 + math.prod(prep.input_shape) * (num_classes * 4 + 24)
     # float16 holds normalized intensities; an image left unnormalized may exceed its range
-    half_allowed = bool(x.abs().max() < 6e4)
+    half_allowed = bool(intensity_range(x).abs().max() < 6e4)
     roi = options.roi
     if roi is not None and len(roi) != dims:
         raise InputError(prep.source, f"--roi {roi} has {len(roi)} sides; the model is {dims}D")

@@ -103,7 +103,8 @@ def load_image(
             raise InputError(
                 path, f"channel geometry {tuple(img.shape)} does not match {files[0]} {tuple(first.shape)}"
             )
-    data = torch.stack([c.as_tensor() for c in channels]).float()
+    tensors = [c.as_tensor() for c in channels]
+    data = (tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)).float()  # one channel: no copy
     out = MetaTensor(data, affine=first.affine, meta=dict(first.meta))
     out.meta["filename_or_obj"] = str(files[0])
     return out
