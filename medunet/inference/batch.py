@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medunet.errors import InputError, MedunetError
 from medunet.evaluation.pictures import qc_picture
@@ -107,7 +108,7 @@ STATS_COLUMNS = ("scan", "label", "name", "voxels", "volume_ml")
 
 def label_statistics(seg: Segmentation, model: SegmentationModel, scan: str) -> list[dict[str, object]]:
     """Voxel count and volume (ml; empty for 2D images) of every foreground label."""
-    counts = np.bincount(seg.labels.numpy().ravel(), minlength=model.preprocess.num_classes)
+    counts = torch.bincount(seg.labels.reshape(-1), minlength=model.preprocess.num_classes).numpy()  # no int64 copy
     spatial = seg.affine[:-1, :-1]
     voxel_ml = abs(float(np.linalg.det(spatial))) / 1000.0 if spatial.shape == (3, 3) else None
     rows: list[dict[str, object]] = []
