@@ -43,8 +43,9 @@ def _setup_logging(quiet: bool) -> None:
         handlers=[RichHandler(show_path=False, show_time=False, console=_stderr())],
         force=True,
     )
-    # MONAI warns on every DICOM read about optional GPU codecs; MLflow and alembic narrate database set-up
-    for noisy in ("monai", "matplotlib", "PIL", "mlflow", "alembic"):
+    # MONAI warns on every DICOM read about optional GPU codecs; MLflow and alembic narrate database set-up;
+    # highdicom narrates each attribute module it copies (with instance UIDs)
+    for noisy in ("monai", "matplotlib", "PIL", "mlflow", "alembic", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings
 
