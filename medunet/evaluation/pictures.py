@@ -39,10 +39,18 @@ def training_curve(history: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def qc_picture(image: np.ndarray, labels: np.ndarray, label_names: Sequence[str], path: Path, title: str = "") -> Path:
+def qc_picture(
+    image: np.ndarray,
+    labels: np.ndarray,
+    label_names: Sequence[str],
+    path: Path,
+    title: str = "",
+    spacing: Sequence[float] = (),
+) -> Path:
     """Mask over scan: three orthogonal planes through the labelled structure (one plane for 2D).
 
     ``image`` is ``(*S)`` (first channel), ``labels`` ``(*S)`` class indices; the legend names the classes.
+    With ``spacing`` (mm per voxel along each axis) each plane is drawn to scale.
     """
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
@@ -52,19 +60,22 @@ def qc_picture(image: np.ndarray, labels: np.ndarray, label_names: Sequence[str]
     cmap = ListedColormap([(0, 0, 0, 0)] + [(*colours[i % 10], 0.45) for i in range(max(len(label_names) - 1, 1))])
     fg = np.argwhere(labels > 0)
     centre = fg.mean(0).round().astype(int) if len(fg) else np.array(labels.shape) // 2
+    mm = list(spacing) if len(spacing) == labels.ndim else [1.0] * labels.ndim
     if labels.ndim == 2:
-        planes = [("", image, labels)]
+        planes = [("", image, labels, mm[1] / mm[0])]
     else:
         planes = [
-            ("sagittal", image[centre[0]], labels[centre[0]]),
-            ("coronal", image[:, centre[1]], labels[:, centre[1]]),
-            ("axial", image[:, :, centre[2]], labels[:, :, centre[2]]),
+            ("sagittal", image[centre[0]], labels[centre[0]], mm[2] / mm[1]),
+            ("coronal", image[:, centre[1]], labels[:, centre[1]], mm[2] / mm[0]),
+            ("axial", image[:, :, centre[2]], labels[:, :, centre[2]], mm[1] / mm[0]),
         ]
     fig, axes = plt.subplots(1, len(planes), figsize=(4 * len(planes), 4.4), squeeze=False)
     lo, hi = np.percentile(image, [1, 99])
-    for ax, (name, img, lab) in zip(axes[0], planes, strict=True):
-        ax.imshow(img.T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
-        ax.imshow(lab.T, cmap=cmap, origin="lower", vmin=0, vmax=len(label_names) - 1, interpolation="nearest")
+    for ax, (name, img, lab, aspect) in zip(axes[0], planes, strict=True):
+        ax.imshow(img.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
+        ax.imshow(
+            lab.T, cmap=cmap, origin="lower", vmin=0, vmax=len(label_names) - 1, interpolation="nearest", aspect=aspect
+        )
         ax.set_title(name)
         ax.axis("off")
     handles = [Patch(color=colours[(i - 1) % 10], label=n) for i, n in enumerate(label_names) if i > 0]

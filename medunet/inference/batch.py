@@ -192,7 +192,8 @@ def run_jobs(
                     )  # fmt: skip
                 qc = more.qc_path(job, len(jobs))
                 if qc is not None and seg.scan is not None:
-                    qc_picture(seg.scan, seg.labels.numpy(), model.label_names, qc, title=scan_name(job.output))
+                    labels = seg.labels.numpy()
+                    qc_picture(seg.scan, labels, model.label_names, qc, scan_name(job.output), seg.spacing)
                 result.written.append(write_segmentation(seg, model, job.output))
                 rows += label_statistics(seg, model, scan_name(job.output))
                 del seg  # before the next scan is planned against the memory budget
