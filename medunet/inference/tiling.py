@@ -237,7 +237,7 @@ def plan_tiles(
     """Choose windows and slabs so that ``committed`` bytes (the process and its loaded image, mask and
     probabilities) plus the blending buffers and one window's activations stay within ``budget``.
 
-    A tenth of the budget is kept for what is not counted (transforms, writing, allocator slack).
+    A fifth of the budget is kept for what is not counted (transforms, writing, allocator slack).
     When the image's float32 buffers do not fit (and ``half_allowed``), it is blended in float16
     slabs and the float32 image (``image_bytes`` of ``committed``) is held in float16 too.
 
@@ -250,7 +250,7 @@ def plan_tiles(
     context = multiple * max(1, math.ceil(receptive_field(cfg) / (6 * multiple)))  # a sixth of the field
     per_window_voxel = window_bytes_per_voxel(cfg, half_precision)
     window_dims = len(shape) - 1 if slice_wise else len(shape)
-    usable = int(budget * 0.9)
+    usable = int(budget * 0.8)
     free = usable - committed
     plane = math.prod(shape[:-1])
     depth = shape[-1]

@@ -83,7 +83,7 @@ def test_large_ct_is_cut_into_slabs_within_budget() -> None:
     assert plan.half_blend and plan.slab < 600 and plan.margin >= 8
     blend = math.prod((*shape[:-1], plan.slab + 2 * plan.margin)) * blend_bytes_per_voxel(3, half=True)
     window = plan.layout.window_voxels * plan.sw_batch_size * window_bytes_per_voxel(UNET_3D)
-    assert committed - image // 2 + blend + window <= 0.9 * 2 * GiB  # the image is held in float16
+    assert committed - image // 2 + blend + window <= 0.8 * 2 * GiB  # the image is held in float16
     print(plan.describe(shape))
     assert "slabs" in plan.describe(shape)
     with pytest.raises(MemoryError, match="raise --max-memory"):
