@@ -37,6 +37,7 @@ from monai.inferers import SlidingWindowInferer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from volumes import REPO, tiled_volume
 
+from medunet.evaluation import dice_per_class
 from medunet.inference import load_model
 from medunet.inference.predictor import InferOptions, _to_input_grid, prepare, segment_prepared
 from medunet.inference.tiling import parse_memory, resident_memory
@@ -110,13 +111,9 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def dice(a: np.ndarray, b: np.ndarray, labels: range) -> list[float]:
-    out = []
-    for c in labels:
-        pa, pb = a == c, b == c
-        denom = int(pa.sum()) + int(pb.sum())
-        out.append(2.0 * int((pa & pb).sum()) / denom if denom else 1.0)
-    return out
+def dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of classes 1..K-1 between two label maps (medunet's metric; a class absent from both scores 1)."""
+    return [float(v) for v in dice_per_class(torch.from_numpy(a), torch.from_numpy(b), num_classes)]
 
 
 def main() -> None:
@@ -143,7 +140,6 @@ def main() -> None:
     print(f"volume {image.shape} ({voxels / 1e6:.1f} M voxels) from real MSD hippocampus cases; model {args.model}")
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     num_classes = model.preprocess.num_classes
-    fg = range(1, num_classes)
 
     # warm-up: one small window through both paths
     with torch.inference_mode():
@@ -164,7 +160,7 @@ def main() -> None:
         start = time.perf_counter()
         stock = stock_recipe(96)
         t_stock = time.perf_counter() - start
-    floor = dice(stock_recipe(112), stock, fg) if args.floor else None
+    floor = dice(stock_recipe(112), stock, num_classes) if args.floor else None
     gc.collect()
 
     with PeakMemory() as mem_ours:
@@ -178,8 +174,8 @@ def main() -> None:
     assert plan is not None
     del seg, prep
 
-    agree = dice(ours, stock, fg)
-    ours_vs_label, stock_vs_label = dice(ours, label, fg), dice(stock, label, fg)
+    agree = dice(ours, stock, num_classes)
+    ours_vs_label, stock_vs_label = dice(ours, label, num_classes), dice(stock, label, num_classes)
     per_voxel = conv_flops_per_voxel(model.network, 3, model.network_config.in_channels, device)
     stock_windows = math.prod(1 if s <= 96 else math.ceil((s - 96) / 48) + 1 for s in image.shape) * 96**3
     peak = machine_conv_throughput(3, device)
