@@ -100,6 +100,8 @@ class TrainConfig:
     seed: int = 0
     num_threads: int | None = None
     num_workers: int = 0
+    precision: str = "auto"  # auto: float16 AMP on CUDA, float32 on CPUs; or fp32, bf16, fp16
+    compile: bool = False  # torch.compile the network for training
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,20 @@
-"""The training loop: DiceCE, per-class validation Dice, atomic best/last checkpoints, resume.
+"""The training loop: DiceCE, per-class validation Dice, atomic best/last checkpoints, resume, DDP.
 
-Every epoch reseeds the sampler and the augmentation from ``seed + epoch``, so a run resumed from
-the checkpoint of epoch ``e`` draws exactly the batches an uninterrupted run would have drawn.
+The sampler shuffles from ``seed + epoch`` and every training item's random transforms are seeded
+from (seed, epoch, item), so a run resumed from the checkpoint of epoch ``e`` draws exactly the
+batches an uninterrupted run would have drawn, and N processes under ``torchrun`` draw together
+exactly the crops one process draws for the same global batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import random
+import shutil
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,18 +25,22 @@ import torch
 import yaml
 from monai.data import CacheDataset, DataLoader
 from monai.inferers import sliding_window_inference
-from monai.losses import DeepSupervisionLoss, DiceCELoss
+from monai.losses import DeepSupervisionLoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from medunet.config import ExperimentConfig, InferConfig, to_dict
 from medunet.data import Case, kfold_by_patient, read_manifest, split_by_patient
+from medunet.errors import InputError
 from medunet.evaluation import dice_from_counts, overlap_counts
 from medunet.io import load_checkpoint, save_checkpoint
 from medunet.io.headers import check_pair, read_header
 from medunet.io.writers import atomic_path
 from medunet.networks import create_network
+from medunet.training.distributed import EpochSampler, barrier, from_main, gather_objects, init_world, sum_across
+from medunet.training.losses import GlobalBatchDiceCELoss
 from medunet.training.optim import make_optimizer, set_lr
 from medunet.transforms import augment_transform, preprocess_transform
 from medunet.transforms.windows import fit_window
@@ -106,81 +116,126 @@ def model_payload(cfg: ExperimentConfig, model: nn.Module) -> dict[str, Any]:
     }
 
 
+class SeededCacheDataset(CacheDataset):
+    """A ``CacheDataset`` whose random transforms are seeded from (seed, epoch, item) on every draw.
+
+    Indexed with ``epoch * len(self) + item`` (see ``EpochSampler``), so an item's crop and
+    augmentation do not depend on which process or loader worker draws it, nor in what order.
+    """
+
+    def __init__(self, data: list[dict[str, Any]], transform: Compose, seed: int) -> None:
+        super().__init__(data, transform, num_workers=None, progress=False, copy_cache=False)
+        self.seed = seed
+
+    def __getitem__(self, index: Any) -> Any:
+        if not isinstance(index, int | np.integer):
+            return super().__getitem__(index)
+        epoch, item = divmod(int(index), len(self))
+        seed = np.random.SeedSequence([self.seed, epoch, item]).generate_state(1)[0]
+        self.transform.set_random_state(seed=int(seed))
+        return super().__getitem__(item)
+
+
 def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train ``req.config`` into ``req.output`` (``best.pt``, ``last.pt``, ``config.yaml``, ``history.json``)."""
+    """Train ``req.config`` into ``req.output`` (``best.pt``, ``last.pt``, ``config.yaml``, ``history.json``).
+
+    Under ``torchrun`` every rank calls this; the model is wrapped in DistributedDataParallel, each
+    rank trains on its share of every global batch of ``train.batch_size``, validation is split
+    across ranks and reduced, and only rank 0 writes files and calls ``on_epoch``.
+    """
     cfg, out = req.config, req.output
     tc = cfg.train
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp*"):  # left by a process killed while writing; the real files are whole
-        stale.unlink()
     device = resolve_device(req.device)
+    world = init_world(device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    if tc.batch_size % world.size:
+        raise ValueError(
+            f"train.batch_size ({tc.batch_size}) is the global batch and must be a multiple of the "
+            f"number of processes ({world.size})"
+        )
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     set_determinism(seed=tc.seed)
+    net = create_network(cfg.network).to(device)
+    if world.is_main:
+        prepare_output(out, weight_bytes(net), resume=req.resume)
+    barrier()
 
     cases = read_manifest(cfg.data.manifest)
     check_headers(cases)
     train_cases, val_cases = select_split(cfg, cases)
-    _write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     split = {"train": [c.case_id for c in train_cases], "val": [c.case_id for c in val_cases]}
-    _write_text(out / "split.json", json.dumps(split, indent=1))
+    if world.is_main:
+        _write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        _write_text(out / "split.json", json.dumps(split, indent=1))
     log.info(
-        "%d training and %d validation cases (%d/%d patients)",
+        "%d training and %d validation cases (%d/%d patients)%s",
         len(train_cases),
         len(val_cases),
         len({c.patient_id for c in train_cases}),
         len({c.patient_id for c in val_cases}),
+        f"; {world.size} processes" if world.distributed else "",
     )
 
     pre = cfg.preprocess
     volume_dims = 3 if any(c.slice_index is not None for c in cases) else pre.spatial_dims
-    augment = augment_transform(pre, cfg.augment)
-    train_ds = CacheDataset(
+    train_ds = SeededCacheDataset(
         [c.as_item() for c in train_cases],
         # flattened so the dataset caches every deterministic step (a nested Compose counts as random)
-        Compose([preprocess_transform(pre, pad_to_patch=True, volume_dims=volume_dims), augment]).flatten(),
-        num_workers=None,
-        progress=False,
-        copy_cache=False,
+        Compose(
+            [
+                preprocess_transform(pre, pad_to_patch=True, volume_dims=volume_dims),
+                augment_transform(pre, cfg.augment),
+            ]
+        ).flatten(),
+        seed=tc.seed,
     )
+    val_share = [c.as_item() for c in val_cases][world.rank :: world.size]
     val_ds = CacheDataset(
-        [c.as_item() for c in val_cases],
-        preprocess_transform(pre, pad_to_patch=False, volume_dims=volume_dims),
-        num_workers=None,
-        progress=False,
+        val_share, preprocess_transform(pre, pad_to_patch=False, volume_dims=volume_dims), progress=False
     )
-    generator = torch.Generator()
+    sampler = EpochSampler(train_ds, world, seed=tc.seed)
+    rank_batch = tc.batch_size // world.size
     loader = DataLoader(
         train_ds,
-        batch_size=tc.batch_size,
-        shuffle=True,
-        drop_last=len(train_ds) > tc.batch_size,
+        batch_size=rank_batch,
+        sampler=sampler,
+        drop_last=len(sampler) > rank_batch,
         num_workers=tc.num_workers,
-        generator=generator,
         persistent_workers=tc.num_workers > 0,
     )
 
-    model = create_network(cfg.network).to(device)
-    optimizer = make_optimizer(tc, model)
-    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    optimizer = make_optimizer(tc, net)
+    dice_ce = GlobalBatchDiceCELoss()
     loss_fn: nn.Module = DeepSupervisionLoss(dice_ce, weight_mode="exp") if cfg.network.deep_supervision else dice_ce
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    autocast_dtype = resolve_precision(tc.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
 
     history: list[dict[str, Any]] = []
     start_epoch, best, best_epoch, elapsed_before = 0, -1.0, -1, 0.0
     last_path, best_path = out / "last.pt", out / "best.pt"
     if req.resume and last_path.exists():
         state = load_checkpoint(last_path)
-        model.load_state_dict(state["state_dict"])
+        net.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         best, best_epoch = float(state["best_dice"]), int(state["best_epoch"])
         history, elapsed_before = list(state["history"]), float(state["elapsed"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
         log.info("resuming from %s at epoch %d", last_path, start_epoch)
     elif req.resume:
         log.info("nothing to resume in %s; starting afresh", out)
+
+    model: nn.Module = net
+    if world.distributed:
+        if device.type == "cuda" and cfg.network.norm == "batch":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        model = typing.cast(nn.Module, torch.compile(model))
 
     label_names = pre.label_names[1:]
     steps_per_epoch = max(len(loader), 1)
@@ -188,52 +243,59 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
     epoch = start_epoch - 1
     for epoch in range(start_epoch, tc.epochs):
         torch.manual_seed(tc.seed + epoch)
-        generator.manual_seed(tc.seed + epoch)
-        augment.set_random_state(seed=tc.seed + epoch)
+        sampler.set_epoch(epoch)
         model.train()
         losses = []
-        for step, batch in enumerate(_progress(loader, f"epoch {epoch + 1}/{tc.epochs}", req.progress)):
+        shown = req.progress and world.is_main
+        for step, batch in enumerate(_progress(loader, f"epoch {epoch + 1}/{tc.epochs}", shown)):
             lr = set_lr(optimizer, tc, (epoch + step / steps_per_epoch) / tc.epochs)
             x, y = batch["image"].to(device), batch["label"].to(device)
-            with torch.autocast(device.type, enabled=use_amp):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 pred = model(x)
                 loss = loss_fn(list(pred.unbind(1)) if pred.dim() == x.dim() + 1 else pred, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            losses.append(loss.item())
-        record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
-        last_epoch = epoch + 1 == tc.epochs or _no_time_for_another(tc.time_limit_minutes, t0, epoch + 1)
+            losses.append(loss.detach())
+        mean_loss = float(sum_across(torch.stack(losses).mean()) / world.size) if losses else float("nan")
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr}
+        out_of_time = from_main(_no_time_for_another(tc.time_limit_minutes, t0, epoch + 1))
+        last_epoch = epoch + 1 == tc.epochs or out_of_time
         if (epoch + 1) % tc.val_every == 0 or last_epoch:
-            dice = validate(model, val_ds, cfg, device)
+            dice = validate(net, val_ds, cfg, device)
             record.update({f"dice_{n}": float(d) for n, d in zip(label_names, dice, strict=True)})
             record["dice_mean"] = float(np.mean(dice))
             if record["dice_mean"] > best:
                 best, best_epoch = record["dice_mean"], epoch + 1
-                save_checkpoint({**model_payload(cfg, model), "epoch": epoch, "dice": record["dice_mean"]}, best_path)
+                if world.is_main:
+                    payload = {**model_payload(cfg, net), "epoch": epoch, "dice": record["dice_mean"]}
+                    save_checkpoint(payload, best_path)
         record["seconds"] = time.monotonic() - t0
         history.append(record)
-        save_checkpoint(
-            {
-                **model_payload(cfg, model),
-                "config": to_dict(cfg),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "best_dice": best,
-                "best_epoch": best_epoch,
-                "history": history,
-                "elapsed": record["seconds"],
-            },
-            last_path,
-        )
-        _write_text(out / "history.json", json.dumps(history, indent=1))
-        log.info("epoch %d  %s", epoch + 1, "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        if on_epoch is not None:
-            on_epoch(record)
+        if world.is_main:
+            save_checkpoint(
+                {
+                    **model_payload(cfg, net),
+                    "config": to_dict(cfg),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": rng_state(),
+                    "epoch": epoch,
+                    "best_dice": best,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                    "elapsed": record["seconds"],
+                },
+                last_path,
+            )
+            _write_text(out / "history.json", json.dumps(history, indent=1))
+            log.info("epoch %d  %s", epoch + 1, "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+            if on_epoch is not None:
+                on_epoch(record)
         if last_epoch:
             break
+    barrier()  # the other ranks wait for rank 0's last checkpoint
 
     final = next((h for h in history if h["epoch"] == best_epoch), {})
     return TrainResult(
@@ -247,11 +309,90 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
     )
 
 
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: float16 with loss scaling on CUDA for ``auto``; float32 (None) on CPUs
+    unless ``bf16`` is asked for (measured slower on CPUs without native bf16, see benchmarks/)."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPUs")
+        return torch.float16
+    if precision == "fp32":
+        return None
+    raise ValueError(f"unknown train.precision {precision!r}; choose auto, fp32, bf16 or fp16")
+
+
+def weight_bytes(net: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in net.parameters())
+
+
+# last.pt holds the weights and Adam's two moments; while it is replaced the old and the new copy
+# coexist; best.pt holds the weights, twice during its replacement. Plus room for logs and pictures.
+CHECKPOINT_COPIES = 8
+SPARE_BYTES = 64 * 2**20
+
+
+def prepare_output(out: Path, weights: int, resume: bool = False) -> None:
+    """Create ``out`` and prove it writable with room for the checkpoints, before any data is read.
+
+    Files left by a process killed while writing (``.*.tmp*``) are removed: the real files are whole.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(out, f"output folder is not writable ({exc.strerror or exc})") from None
+    for stale in out.glob(".*.tmp*"):
+        stale.unlink()
+    need = CHECKPOINT_COPIES * weights + SPARE_BYTES
+    if resume:  # the checkpoints being replaced are already on the disk
+        need -= sum(p.stat().st_size for p in (out / "last.pt", out / "best.pt") if p.exists())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise InputError(
+            out, f"only {free / 2**20:.0f} MiB free on this disk; checkpoints need about {need / 2**20:.0f} MiB"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states, as tensors and plain containers."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 @torch.no_grad()
 def validate(model: nn.Module, dataset: CacheDataset, cfg: ExperimentConfig, device: torch.device) -> np.ndarray:
     """Mean Dice per foreground class over validation volumes (sliding window, Gaussian blending).
 
-    Slices of one volume (a 2D view of 3D scans) are pooled, so the Dice is that of the volume.
+    Slices of one volume (a 2D view of 3D scans) are pooled, so the Dice is that of the volume. Under
+    torchrun each rank scores its share of ``dataset`` and the counts are pooled across ranks.
     """
     model.eval()
     roi = cfg.infer.roi_size or cfg.preprocess.patch_size
@@ -267,7 +408,11 @@ def validate(model: nn.Module, dataset: CacheDataset, cfg: ExperimentConfig, dev
         c = overlap_counts(pred, item["label"][0].cpu(), cfg.preprocess.num_classes)
         counts[item["volume_id"]] = counts.get(item["volume_id"], 0) + c
     model.train()
-    return np.mean([dice_from_counts(c) for c in counts.values()], axis=0)
+    pooled: dict[str, np.ndarray] = {}
+    for share in gather_objects(counts):
+        for volume, c in share.items():
+            pooled[volume] = pooled.get(volume, 0) + c
+    return np.mean([dice_from_counts(pooled[v]) for v in sorted(pooled)], axis=0)
 
 
 def _no_time_for_another(limit_minutes: float | None, t0: float, epochs_done: int) -> bool:
