@@ -42,6 +42,7 @@ class NetworkConfig:
     dropout: float = 0.0
     deep_supervision: bool = False
     deep_supervision_levels: int = 2
+    ensemble: int = 1  # >1: that many trained copies (cross-validation folds), probabilities averaged
 
 
 @dataclass(frozen=True)

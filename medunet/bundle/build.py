@@ -18,9 +18,11 @@ import yaml
 from medunet import __version__
 from medunet.config import ExperimentConfig, from_dict, to_dict
 from medunet.errors import InputError
+from medunet.inference.model import ensemble_payload, fold_checkpoints
 from medunet.io import bundle_layout as layout
 from medunet.io import load_checkpoint, save_checkpoint
 from medunet.io.writers import atomic_path
+from medunet.training.crossval import SUMMARY_JSON
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 
@@ -62,15 +64,32 @@ def build_bundle(
     half_precision: bool = True,
     command: str = "",
 ) -> Path:
-    """Write the bundle for ``run_dir/best.pt`` into ``dest`` (replaced atomically as a folder)."""
+    """Write the bundle for ``run_dir/best.pt`` into ``dest`` (replaced atomically as a folder).
+
+    For a cross-validation run (``fold_k/best.pt``, from ``medunet train --folds K``) the bundle's
+    network is the ensemble of the folds and ``models/model.pt`` holds every fold's weights.
+    """
     best = run_dir / "best.pt"
-    payload = load_checkpoint(best)
+    folds = [] if best.is_file() else fold_checkpoints(run_dir)
+    cv: dict[str, Any] | None = None
+    if folds:
+        payload = ensemble_payload([load_checkpoint(f) for f in folds], [str(f) for f in folds])
+        config_file = folds[0].parent / "config.yaml"
+        cv = json.loads((run_dir / SUMMARY_JSON).read_text()) if (run_dir / SUMMARY_JSON).exists() else None
+    else:
+        payload = load_checkpoint(best)
+        config_file = run_dir / "config.yaml"
     if "network" not in payload:
         raise InputError(best, "not a medunet checkpoint")
-    recipe_raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cfg: ExperimentConfig = from_dict(ExperimentConfig, recipe_raw, where=str(run_dir / "config.yaml"))
-    history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
-    split = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").exists() else {}
+    recipe_raw = yaml.safe_load(config_file.read_text())
+    cfg: ExperimentConfig = from_dict(ExperimentConfig, recipe_raw, where=str(config_file))
+    if folds:  # the recipe is the whole cross-validation, not its first fold
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=None, folds=len(folds)))
+        history = [cv_record(cv)] if cv else []
+        split = {"folds": [json.loads((f.parent / "split.json").read_text())["val"] for f in folds]}
+    else:
+        history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
+        split = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").exists() else {}
 
     tmp = dest.parent / f".{dest.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -88,13 +107,13 @@ def build_bundle(
     _dump(tmp / layout.METADATA, metadata(cfg, card, version, history))
     _dump(tmp / layout.INFERENCE, inference_config(payload))
     _dump(tmp / layout.EVALUATE, evaluate_config())
-    _dump(tmp / layout.TRAIN, train_config(recipe))
+    _dump(tmp / layout.TRAIN, train_config(recipe, folds=len(folds) or None))
     (tmp / layout.RECIPE).write_text(
         f"# Recipe that made models/model.pt. Reproduce with:\n#   {command or 'medunet train --config <this file>'}\n"
         + yaml.safe_dump(recipe, sort_keys=False)
     )
     (tmp / "configs" / "split.json").write_text(json.dumps(split, indent=1))
-    (tmp / layout.README).write_text(model_card(dest.name, cfg, card, history, split, version, command))
+    (tmp / layout.README).write_text(model_card(dest.name, cfg, card, history, split, version, command, cv))
     (tmp / layout.LICENSE).write_text(card.license_text or _default_license(card))
 
     old = dest.parent / f".{dest.name}.old"
@@ -104,6 +123,13 @@ def build_bundle(
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def cv_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """The cross-validation means in the shape of a history record (for metadata and the card)."""
+    minutes = sum(f["minutes"] for f in summary["folds"])
+    means = {f"dice_{c}": v for c, v in summary["mean"].items() if c != "mean"}
+    return {"epoch": "cross-validation", **means, "dice_mean": summary["mean"]["mean"], "seconds": minutes * 60}
 
 
 def metadata(cfg: ExperimentConfig, card: ModelCard, version: str, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -200,15 +226,16 @@ def evaluate_config() -> dict[str, Any]:
     }
 
 
-def train_config(recipe: dict[str, Any]) -> dict[str, Any]:
-    """``configs/train.json``: retrain the recipe that made the weights."""
+def train_config(recipe: dict[str, Any], folds: int | None = None) -> dict[str, Any]:
+    """``configs/train.json``: retrain the recipe that made the weights (every fold, for an ensemble)."""
     return {
         "imports": ["$import medunet.bundle.components"],
         "bundle_root": ".",
         "output_dir": "$@bundle_root + '/runs/retrain'",
         "device": "auto",
         "recipe": recipe,
-        "run": ["$medunet.bundle.components.run_training(@recipe, @bundle_root, @output_dir, @device)"],
+        "folds": folds,
+        "run": ["$medunet.bundle.components.run_training(@recipe, @bundle_root, @output_dir, @device, @folds)"],
     }
 
 
@@ -220,6 +247,7 @@ def model_card(
     split: dict[str, list[str]],
     version: str,
     command: str,
+    cv: dict[str, Any] | None = None,
 ) -> str:
     pre, net, tc = cfg.preprocess, cfg.network, cfg.train
     best = max((h for h in history if "dice_mean" in h), key=lambda h: h["dice_mean"], default={})
@@ -227,6 +255,35 @@ def model_card(
     rows = "\n".join(f"| {c} | {best.get(f'dice_{c}', float('nan')):.4f} |" for c in classes)
     minutes = history[-1]["seconds"] / 60 if history else float("nan")
     refs = "\n".join(f"- {r}" for r in card.references) or "- n/a"
+    split_text = (
+        f"Split by patient (`data.split_seed={cfg.data.split_seed}`): {len(split.get('train', []))} training and\n"
+        f"{len(split.get('val', []))} validation cases; the case ids are in `configs/split.json`."
+    )
+    validation = f"""## Validation (best epoch {best.get("epoch", "?")}, patient-wise validation split)
+| class | Dice |
+| --- | --- |
+{rows}
+| mean | {best.get("dice_mean", float("nan")):.4f} |"""
+    if "folds" in split:
+        n_folds = len(split["folds"])
+        split_text = (
+            f"{n_folds}-fold cross-validation by patient (`data.split_seed={cfg.data.split_seed}`): every case is\n"
+            f"validated once, by the fold model that never saw its patient ({sum(len(v) for v in split['folds'])} "
+            "cases); each fold's validation case ids are in `configs/split.json`.\n"
+            f"`models/model.pt` holds the {n_folds} fold models; inference averages their probabilities."
+        )
+    if cv is not None:
+        head = "| fold | " + " | ".join(classes) + " | mean |\n| --- |" + " --- |" * (len(classes) + 1)
+        lines = [
+            f"| {f['fold']} | " + " | ".join(f"{f['dice'][c]:.4f}" for c in classes) + f" | {f['dice_mean']:.4f} |"
+            for f in cv["folds"]
+        ]
+        m, sd = cv["mean"], cv["std"]
+        lines.append(
+            "| mean ± sd | " + " | ".join(f"{m[c]:.4f} ± {sd[c]:.4f}" for c in classes) + f" | {m['mean']:.4f} |"
+        )
+        validation = "## Validation (cross-validation: each fold's best epoch on its own validation patients)\n"
+        validation += head + "\n" + "\n".join(lines)
     return f"""# {name} (version {version})
 
 {card.description}
@@ -237,8 +294,7 @@ def model_card(
 {card.data_source}
 
 Licence of the data: {card.data_license}.
-Split by patient (`data.split_seed={cfg.data.split_seed}`): {len(split.get("train", []))} training and
-{len(split.get("val", []))} validation cases; the case ids are in `configs/split.json`.
+{split_text}
 
 ## Recipe
 {net.name} ({net.spatial_dims}D, features {list(net.features)}, {net.norm} norm), DiceCE loss, {tc.optimizer}
@@ -247,11 +303,7 @@ lr {tc.learning_rate} with a {tc.scheduler} schedule, batch {tc.batch_size}, pat
 normalization. Trained in {minutes:.1f} minutes on {platform.machine()} ({os.cpu_count()} logical cores) with
 `{command or "medunet train"}`. The full recipe is `configs/recipe.yaml`; `configs/train.json` reruns it.
 
-## Validation (best epoch {best.get("epoch", "?")}, patient-wise validation split)
-| class | Dice |
-| --- | --- |
-{rows}
-| mean | {best.get("dice_mean", float("nan")):.4f} |
+{validation}
 
 ## Use
 ```

@@ -90,13 +90,22 @@ class FolderEvaluator:
         return summary
 
 
-def run_training(recipe: dict[str, Any], bundle_root: str, output_dir: str, device: str = "auto") -> Path:
-    """``train.json``: retrain the bundle's recipe (manifest relative to ``bundle_root``)."""
+def run_training(
+    recipe: dict[str, Any], bundle_root: str, output_dir: str, device: str = "auto", folds: int | None = None
+) -> Path:
+    """``train.json``: retrain the bundle's recipe (manifest relative to ``bundle_root``); with ``folds``,
+    the whole cross-validation, whose folder then loads as the ensemble."""
     cfg = from_dict(ExperimentConfig, recipe, where="train.recipe")
     manifest = cfg.data.manifest if cfg.data.manifest.is_absolute() else Path(bundle_root) / cfg.data.manifest
     import dataclasses
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest.resolve()))
+    if folds:
+        from medunet.training.crossval import cross_validate
+
+        summary = cross_validate(cfg, Path(output_dir), folds, device=device, progress=False)
+        log.info("cross-validation mean Dice %.4f", summary["mean"]["mean"])
+        return Path(output_dir)
     result = train(TrainRequest(cfg, Path(output_dir), device=device, progress=False))
     log.info("best mean Dice %.4f at epoch %d", result.best_dice, result.best_epoch)
     return result.best_checkpoint

@@ -94,8 +94,13 @@ def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML (see configs/).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder for checkpoints and logs.")],
     epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
-    fold: Annotated[int | None, typer.Option(help="Train fold K of data.folds (patient-wise).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from OUTPUT/last.pt.")] = False,
+    folds: Annotated[
+        int | None, typer.Option(help="Cross-validate: train all K patient-wise folds into OUTPUT/fold_k.")
+    ] = None,
+    fold: Annotated[int | None, typer.Option(help="Train only fold K of data.folds (or of --folds).")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from OUTPUT/last.pt (with --folds: skip complete folds).")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: train.batch_size=4")] = None,
     tracking_uri: Annotated[
@@ -107,15 +112,23 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Train a network from a config; writes best.pt, last.pt, config.yaml and history.json, and logs
-    the run (params, metrics, pictures, bundle, model) to MLflow."""
-    _setup_logging(quiet)
+    the run (params, metrics, pictures, bundle, model) to MLflow. Under `torchrun` it trains with
+    DistributedDataParallel; only rank 0 writes, logs and tracks."""
+    from medunet.training.distributed import current_world
+
+    world = current_world()
+    _setup_logging(quiet or not world.is_main)
 
     def body() -> None:
+        import contextlib
+
         import yaml
 
         from medunet.config import load_config
         from medunet.training import TrainRequest
         from medunet.training import train as run_training
+        from medunet.training.crossval import cross_validate, format_summary
+        from medunet.training.distributed import close_world
 
         overrides = {}
         for item in set_ or []:
@@ -127,32 +140,59 @@ def train(
             overrides["train.epochs"] = epochs
         if fold is not None:
             overrides["data.fold"] = fold
+        if folds is not None:
+            overrides["data.folds"] = folds
         cfg = load_config(config, overrides)
         if register and no_tracking:
             raise ValueError("--register needs tracking; drop --no-tracking")
-        tracker = None
-        if not no_tracking:
+        if register and folds is not None and fold is None:
+            raise ValueError("--register takes one model; register the folds' bundle (medunet bundle build) instead")
+        tracked = not no_tracking and world.is_main
+
+        @contextlib.contextmanager
+        def tracking(run_cfg, out: Path):  # type: ignore[no-untyped-def]
+            """Yields the epoch hook of a new MLflow run (None without tracking), finished on exit."""
+            if not tracked:
+                yield None
+                return
             from medunet.tracking import RunTracker, TrackingRequest
 
-            output.mkdir(parents=True, exist_ok=True)
-            tracker = RunTracker(TrackingRequest(cfg, output, tracking_uri, experiment, register))
-        try:
-            result = run_training(
-                TrainRequest(cfg, output, resume=resume, device=device, progress=not quiet),
-                on_epoch=tracker.log_epoch if tracker else None,
-            )
-        except BaseException as exc:
-            if tracker is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            tracker = RunTracker(TrackingRequest(run_cfg, out, tracking_uri, experiment, register))
+            try:
+                yield tracker.log_epoch
+            except BaseException as exc:
                 tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            raise
-        if tracker is not None:
+                raise
             tracker.finish()
             print(f"MLflow run {tracker.run_id} at {tracker.uri}")
-        per_class = "  ".join(f"{k}={v:.4f}" for k, v in result.class_dice.items())
-        print(
-            f"best mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "
-            f"{result.epochs_run} epochs in {result.seconds / 60:.1f} min; model: {result.best_checkpoint}"
-        )
+
+        try:
+            if folds is not None and fold is None:
+                import dataclasses
+
+                def fold_tracking(k: int, out: Path):  # type: ignore[no-untyped-def]
+                    return tracking(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=k)), out)
+
+                summary = cross_validate(
+                    cfg, output, folds, resume, device, progress=not quiet, hooks=fold_tracking, is_main=world.is_main
+                )
+                if world.is_main:
+                    print(format_summary(summary))
+                    print(f"summary: {output / 'cv_summary.csv'}; ensemble of the folds: --model {output}")
+                return
+            with tracking(cfg, output) as on_epoch:
+                result = run_training(
+                    TrainRequest(cfg, output, resume=resume, device=device, progress=not quiet), on_epoch=on_epoch
+                )
+        finally:
+            close_world()
+        if world.is_main:
+            per_class = "  ".join(f"{k}={v:.4f}" for k, v in result.class_dice.items())
+            print(
+                f"best mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "
+                f"{result.epochs_run} epochs in {result.seconds / 60:.1f} min; model: {result.best_checkpoint}"
+            )
 
     _run(body)
 

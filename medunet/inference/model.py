@@ -61,6 +61,23 @@ def model_from_payload(payload: dict[str, Any], source: str) -> SegmentationMode
     return SegmentationModel(network, net_cfg, pre, inf, source)
 
 
+def fold_checkpoints(folder: Path) -> list[Path]:
+    """``fold_k/best.pt`` of a cross-validation run (``medunet train --folds K``), in fold order."""
+    found = [p for p in folder.glob("fold_*/best.pt") if p.parent.name.removeprefix("fold_").isdigit()]
+    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("fold_")))
+
+
+def ensemble_payload(payloads: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
+    """One payload whose network averages the probabilities of ``payloads`` (same network and preprocessing)."""
+    first = payloads[0]
+    for payload, source in zip(payloads[1:], sources[1:], strict=True):
+        for key in ("network", "preprocess"):
+            if payload.get(key) != first.get(key):
+                raise InputError(source, f"its {key} differs from {sources[0]}'s; folds must share one recipe")
+    state = {f"members.{i}.{k}": v for i, p in enumerate(payloads) for k, v in p["state_dict"].items()}
+    return {**first, "network": {**first["network"], "ensemble": len(payloads)}, "state_dict": state}
+
+
 DEFAULT_BUNDLE = "hippocampus_mri_3d"
 
 
@@ -82,8 +99,9 @@ def default_model_path() -> Path:
 def load_model(
     ref: str | Path, device: str | torch.device = "cpu", tracking_uri: str | None = None
 ) -> SegmentationModel:
-    """Load a model from a checkpoint (``best.pt``), a run folder, a medunet MONAI bundle folder, or a
-    registry URI (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``).
+    """Load a model from a checkpoint (``best.pt``), a run folder, a cross-validation run folder (its
+    folds' ``best.pt`` as one ensemble), a medunet MONAI bundle folder, or a registry URI
+    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``).
 
     Nothing is executed while loading: configs are read as data, weights with ``weights_only``.
     """
@@ -95,8 +113,14 @@ def load_model(
     if is_bundle(path):
         return model_from_payload(read_bundle_payload(path), str(path)).to(device)
     if path.is_dir():
+        folds = fold_checkpoints(path)
+        if not (path / "best.pt").is_file() and folds:
+            payload = ensemble_payload([load_checkpoint(f) for f in folds], [str(f) for f in folds])
+            return model_from_payload(payload, str(path)).to(device)
         if not (path / "best.pt").is_file():
-            raise InputError(path, "folder is neither a medunet bundle nor a run folder with best.pt")
+            raise InputError(
+                path, "folder is neither a medunet bundle, a run folder with best.pt, nor a cross-validation run"
+            )
         path = path / "best.pt"
     if not path.exists():
         raise InputError(path, "no such model file or folder")

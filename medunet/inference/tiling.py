@@ -77,7 +77,8 @@ def window_bytes_per_voxel(cfg: NetworkConfig, half_precision: bool = False) -> 
     shrink = 2.0**-cfg.spatial_dims
     channels = sum(f * shrink**level for level, f in enumerate(cfg.features))
     value_bytes = 2 if half_precision else 4
-    return value_bytes * (maps * channels + 8 * (cfg.in_channels + cfg.out_channels))
+    ensemble = 4 * cfg.out_channels if cfg.ensemble > 1 else 0  # the members' running sum and one member's output
+    return value_bytes * (maps * channels + 8 * (cfg.in_channels + cfg.out_channels) + ensemble)
 
 
 def blend_bytes_per_voxel(num_classes: int, half: bool = False) -> int:

@@ -21,7 +21,16 @@ def list_networks() -> list[str]:
 
 
 def create_network(cfg: NetworkConfig) -> nn.Module:
-    """Build the network named ``cfg.name``; an unknown name lists the valid ones."""
+    """Build the network named ``cfg.name``; an unknown name lists the valid ones.
+
+    With ``cfg.ensemble > 1``, that many copies averaged (``FoldEnsemble``), for inference.
+    """
+    if cfg.ensemble > 1:
+        from medunet.networks.ensemble import FoldEnsemble
+
+        if cfg.name not in _REGISTRY:
+            raise ValueError(f"unknown network {cfg.name!r}; choose one of: {', '.join(list_networks())}")
+        return FoldEnsemble(cfg)
     try:
         factory = _REGISTRY[cfg.name]
     except KeyError:
