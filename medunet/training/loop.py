@@ -158,6 +158,8 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
         torch.set_num_threads(tc.num_threads)
     set_determinism(seed=tc.seed)
     net = create_network(cfg.network).to(device)
+    memory_format = _memory_format(cfg.network.spatial_dims) if tc.channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)  # type: ignore[call-overload]
     if world.is_main:
         prepare_output(out, weight_bytes(net), resume=req.resume)
     barrier()
@@ -249,7 +251,7 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
         shown = req.progress and world.is_main
         for step, batch in enumerate(_progress(loader, f"epoch {epoch + 1}/{tc.epochs}", shown)):
             lr = set_lr(optimizer, tc, (epoch + step / steps_per_epoch) / tc.epochs)
-            x, y = batch["image"].to(device), batch["label"].to(device)
+            x, y = batch["image"].to(device, memory_format=memory_format), batch["label"].to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 pred = model(x)
                 loss = loss_fn(list(pred.unbind(1)) if pred.dim() == x.dim() + 1 else pred, y)
@@ -323,6 +325,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp32":
         return None
     raise ValueError(f"unknown train.precision {precision!r}; choose auto, fp32, bf16 or fp16")
+
+
+def _memory_format(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
 def weight_bytes(net: nn.Module) -> int:
