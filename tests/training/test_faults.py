@@ -1,0 +1,113 @@
+"""Faults: SIGKILL at random moments, then --resume, ends where an uninterrupted run ends; an output
+folder that cannot take the checkpoints is reported before any data is read."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from medunet.io import load_checkpoint
+
+EPOCHS = "6"
+
+
+def train_cmd(cfg: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "medunet", "train", "-c", str(cfg), "-o", str(out), "--epochs", EPOCHS, *extra]
+
+
+def test_sigkill_at_random_moments_then_resume(tiny_config: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    started = time.monotonic()
+    done = subprocess.run(train_cmd(tiny_config, reference, "--no-tracking", "-q"), capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    duration = time.monotonic() - started  # process start-up included: kills land anywhere in a run
+
+    run = tmp_path / "killed"
+    rng = random.Random(int(os.environ.get("MEDUNET_KILL_SEED", "1234")))
+    kills, epochs_at_kill = 0, []
+    for _ in range(12):
+        cmd = train_cmd(tiny_config, run, "--resume", "--no-tracking", "-q")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(0.2, 0.8) * duration)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            if (run / "last.pt").exists():  # whatever is there is a whole checkpoint, never a torn one
+                epochs_at_kill.append(load_checkpoint(run / "last.pt")["epoch"])
+            continue
+        assert proc.returncode == 0
+        break
+    else:
+        pytest.fail("training never finished between kills")
+    print(f"{kills} kills; last.pt held epoch {epochs_at_kill} at the kills")
+    assert kills >= 2, "the run finished before it could be killed twice; kill earlier"
+    assert epochs_at_kill == sorted(epochs_at_kill)  # every resume moved forward
+
+    final, expected = load_checkpoint(run / "last.pt"), load_checkpoint(reference / "last.pt")
+    assert [h["epoch"] for h in final["history"]] == list(range(1, int(EPOCHS) + 1))
+    for key, value in expected["state_dict"].items():  # exact resume: the same weights as never killed
+        torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=0)
+    assert {k for k in final["rng"]} >= {"python", "numpy", "torch"}
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("medunet: error")]
+
+
+def test_output_under_a_file_is_refused_before_training(tiny_config: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    proc = subprocess.run(
+        train_cmd(tiny_config, blocker / "run", "--no-tracking"), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1
+    lines = error_lines(proc)
+    assert len(lines) == 1 and str(blocker / "run") in lines[0] and "not writable" in lines[0]
+
+
+@pytest.fixture
+def tiny_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A full 1 MiB disk and a read-only one (tmpfs; needs root and mount, else skipped)."""
+    full, readonly = tmp_path / "full", tmp_path / "readonly"
+    full.mkdir()
+    readonly.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    mounted = []
+    for path, options in ((full, "size=1m"), (readonly, "ro,size=1m")):
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+            for m in mounted:
+                subprocess.run(["umount", str(m)])
+            pytest.skip("cannot mount tmpfs here")
+        mounted.append(path)
+    try:
+        yield full, readonly
+    finally:
+        for m in mounted:
+            subprocess.run(["umount", str(m)])
+
+
+def test_full_or_read_only_disk_is_refused_before_training(tiny_config: Path, tiny_mount: tuple[Path, Path]) -> None:
+    full, readonly = tiny_mount
+    proc = subprocess.run(train_cmd(tiny_config, full / "run", "--no-tracking"), capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = error_lines(proc)
+    assert len(lines) == 1 and str(full / "run") in lines[0] and "MiB free on this disk" in lines[0], proc.stderr
+    assert "training and" not in proc.stderr  # refused before the data was read
+
+    proc = subprocess.run(train_cmd(tiny_config, readonly / "run", "--no-tracking"), capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "not writable" in lines[0] and "Read-only file system" in lines[0], proc.stderr
