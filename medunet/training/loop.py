@@ -265,7 +265,9 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
         out_of_time = from_main(_no_time_for_another(tc.time_limit_minutes, t0, epoch + 1))
         last_epoch = epoch + 1 == tc.epochs or out_of_time
         if (epoch + 1) % tc.val_every == 0 or last_epoch:
+            started = time.monotonic()
             dice = validate(net, val_ds, cfg, device)
+            record["val_seconds"] = time.monotonic() - started
             record.update({f"dice_{n}": float(d) for n, d in zip(label_names, dice, strict=True)})
             record["dice_mean"] = float(np.mean(dice))
             if record["dice_mean"] > best:
