@@ -20,7 +20,7 @@ class FoldEnsemble(nn.Module):
         super().__init__()
         from medunet.networks.registry import create_network
 
-        member = dataclasses.replace(cfg, ensemble=1, deep_supervision=False)
+        member = dataclasses.replace(cfg, ensemble=1)  # in eval mode a deep-supervised member gives its main output
         self.config = cfg
         self.members = nn.ModuleList(create_network(member) for _ in range(cfg.ensemble))
 

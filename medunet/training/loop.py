@@ -149,6 +149,8 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
     world = init_world(device)
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
+    if cfg.network.ensemble > 1:
+        raise ValueError("network.ensemble is for inference; train the members with --folds K instead")
     if tc.batch_size % world.size:
         raise ValueError(
             f"train.batch_size ({tc.batch_size}) is the global batch and must be a multiple of the "

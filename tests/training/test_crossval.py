@@ -97,3 +97,20 @@ def test_folds_summary_ensemble_and_bundle(tiny_config: Path, tmp_path: Path) ->
         timeout=300,
     )
     assert net_check.returncode == 0, net_check.stderr
+
+
+def test_ensemble_of_deep_supervised_members_averages_main_outputs() -> None:
+    import dataclasses
+
+    from medunet.config import NetworkConfig
+    from medunet.inference.model import ensemble_payload, model_from_payload
+    from medunet.networks import create_network
+
+    cfg = NetworkConfig(spatial_dims=3, out_channels=3, features=(8, 16, 32), deep_supervision=True)
+    members = [create_network(cfg).eval() for _ in range(2)]
+    payloads = [{"network": dataclasses.asdict(cfg), "preprocess": {}, "state_dict": m.state_dict()} for m in members]
+    model = model_from_payload(ensemble_payload(payloads, ["a", "b"]), "cv")
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0)
+        torch.testing.assert_close(torch.softmax(model.network(x), 1), expected, atol=1e-5, rtol=1e-4)
