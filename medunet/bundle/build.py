@@ -21,7 +21,7 @@ from medunet.errors import InputError
 from medunet.inference.model import ensemble_payload, fold_checkpoints
 from medunet.io import bundle_layout as layout
 from medunet.io import load_checkpoint, save_checkpoint
-from medunet.io.writers import atomic_path
+from medunet.io.writers import write_text
 from medunet.training.crossval import SUMMARY_JSON
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -341,5 +341,4 @@ def _version(package: str) -> str:
 
 
 def _dump(path: Path, data: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    write_text(path, json.dumps(data, indent=2) + "\n")

@@ -169,13 +169,8 @@ def train(
 
         try:
             if folds is not None and fold is None:
-                import dataclasses
-
-                def fold_tracking(k: int, out: Path):  # type: ignore[no-untyped-def]
-                    return tracking(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=k)), out)
-
                 summary = cross_validate(
-                    cfg, output, folds, resume, device, progress=not quiet, hooks=fold_tracking, is_main=world.is_main
+                    cfg, output, folds, resume, device, progress=not quiet, hooks=tracking, is_main=world.is_main
                 )
                 if world.is_main:
                     print(format_summary(summary))

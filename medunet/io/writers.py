@@ -40,6 +40,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through ``atomic_path``: readers see the old file or the new, never half."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
 def write_array(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     """Write ``array`` (``(*S)``, or ``(*S, K)`` for probabilities) with world ``affine`` (RAS).
 

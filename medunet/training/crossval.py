@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from medunet.config import ExperimentConfig
-from medunet.io.writers import atomic_path
+from medunet.io.writers import atomic_path, write_text
 from medunet.training.loop import TrainRequest, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,9 @@ SUMMARY_JSON = "cv_summary.json"
 SUMMARY_CSV = "cv_summary.csv"
 FOLD_RESULT = "fold_result.json"  # written last in a fold folder: the fold is complete
 
-# Called with (fold, fold folder): a context the fold trains inside (a tracking run), yielding its epoch hook.
-FoldHooks = Callable[[int, Path], AbstractContextManager[Callable[[dict[str, Any]], None] | None]]
+# Called with (fold's config, fold folder): a context the fold trains inside (a tracking run), yielding its
+# epoch hook.
+FoldHooks = Callable[[ExperimentConfig, Path], AbstractContextManager[Callable[[dict[str, Any]], None] | None]]
 
 
 def fold_dir(output: Path, fold: int) -> Path:
@@ -64,15 +65,15 @@ def cross_validate(
             continue
         log.info("fold %d of %d -> %s", k, folds, out)
         fold_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, folds=folds, fold=k))
-        with hooks(k, out) if hooks else nullcontext(None) as on_epoch:
+        with hooks(fold_cfg, out) if hooks else nullcontext(None) as on_epoch:
             result = train(TrainRequest(fold_cfg, out, resume=resume, device=device, progress=progress), on_epoch)
         record = fold_record(k, result)
         if is_main:
-            _write_json(done, record)
+            write_text(done, json.dumps(record, indent=1))
         results.append(record)
     summary = summarize(results, cfg.preprocess.label_names[1:])
     if is_main:
-        _write_json(output / SUMMARY_JSON, summary)
+        write_text(output / SUMMARY_JSON, json.dumps(summary, indent=1))
         write_summary_csv(output / SUMMARY_CSV, summary)
     return summary
 
@@ -122,8 +123,3 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append("mean  " + "  ".join(f"{m[c]:>10.4f}" for c in [*classes, "mean"]))
     lines.append(" std  " + "  ".join(f"{s[c]:>10.4f}" for c in [*classes, "mean"]))
     return "\n".join(lines)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1))

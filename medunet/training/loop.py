@@ -37,7 +37,7 @@ from medunet.errors import InputError
 from medunet.evaluation import dice_from_counts, overlap_counts
 from medunet.io import load_checkpoint, save_checkpoint
 from medunet.io.headers import check_pair, read_header
-from medunet.io.writers import atomic_path
+from medunet.io.writers import write_text
 from medunet.networks import create_network
 from medunet.training.distributed import EpochSampler, barrier, from_main, gather_objects, init_world, sum_across
 from medunet.training.losses import GlobalBatchDiceCELoss
@@ -171,8 +171,8 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
     train_cases, val_cases = select_split(cfg, cases)
     split = {"train": [c.case_id for c in train_cases], "val": [c.case_id for c in val_cases]}
     if world.is_main:
-        _write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        _write_text(out / "split.json", json.dumps(split, indent=1))
+        write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text(out / "split.json", json.dumps(split, indent=1))
     log.info(
         "%d training and %d validation cases (%d/%d patients)%s",
         len(train_cases),
@@ -295,7 +295,7 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
                 },
                 last_path,
             )
-            _write_text(out / "history.json", json.dumps(history, indent=1))
+            write_text(out / "history.json", json.dumps(history, indent=1))
             log.info("epoch %d  %s", epoch + 1, "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
             if on_epoch is not None:
                 on_epoch(record)
@@ -439,8 +439,3 @@ def _progress(loader: DataLoader, description: str, enabled: bool):  # type: ign
     from rich.progress import track
 
     return track(loader, description=description, transient=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
