@@ -3,7 +3,8 @@
 By default runs go to an embedded SQLite store (``./mlflow.db``) with artifacts in ``./mlruns/``;
 ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` points at a tracking server. A server that is down at
 the start stops the command before training; one that goes away during training does not: the
-metrics are kept in ``<run>/tracking_backlog.jsonl`` and sent when the run ends, if it is back.
+metrics are kept in ``<run>/tracking_backlog.jsonl`` and sent once it is back (tried again each
+minute, and when the run ends).
 Only case ids and the config reach MLflow, never image headers (so no DICOM patient tags).
 """
 
@@ -17,6 +18,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from medunet import __version__
 from medunet.config import ExperimentConfig, to_dict
 from medunet.errors import MedunetError
 from medunet.io.model_uri import DEFAULT_ARTIFACTS, tracking_uri
+from medunet.io.writers import write_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,7 +74,13 @@ def _git_commit() -> str:
 
 
 class RunTracker:
-    """One MLflow run; every call survives the server going away (see the module docstring)."""
+    """One MLflow run; every call survives the server going away (see the module docstring).
+
+    After a failed call, metrics go to the backlog; the next epoch at least ``RETRY_SECONDS`` later
+    tries the server again and, if it is back, sends the backlog first, in order.
+    """
+
+    RETRY_SECONDS = 60.0
 
     def __init__(self, req: TrackingRequest) -> None:
         import mlflow
@@ -80,14 +89,17 @@ class RunTracker:
         self.req = req
         self.uri = tracking_uri(req.uri)
         if self.uri.startswith("http"):
-            # fail fast instead of MLflow's minutes of retries; the backlog covers outages
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            # a few seconds of retries instead of MLflow's minutes: enough for a dropped keep-alive
+            # connection or a busy server; the backlog covers real outages
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.backlog = req.run_dir / "tracking_backlog.jsonl"
         self.online = True
+        self.offline_since = 0.0  # time.monotonic() of the last failed call
         name = req.experiment or req.config.name
         try:
             exp = self.client.get_experiment_by_name(name)
@@ -120,13 +132,15 @@ class RunTracker:
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         metrics = {k: float(v) for k, v in record.items() if k != "epoch" and isinstance(v, int | float)}
-        step = int(record["epoch"])
+        entry = {"step": int(record["epoch"]), "timestamp": _now_ms(), "metrics": metrics}
+        if not self.online and time.monotonic() - self.offline_since >= self.RETRY_SECONDS:
+            self.online = True  # try again: the server may be back
         if self.online:
             self._flush_backlog()
-        if self.online and self._try(lambda: self._send(metrics, step)):
+        if self.online and self._try(functools.partial(self._send, entry)):
             return
         with self.backlog.open("a") as fh:
-            fh.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+            fh.write(json.dumps(entry) + "\n")
 
     def finish(self, status: str = "FINISHED") -> None:
         """Send what is left (backlog, artifacts, model) and close the run."""
@@ -139,21 +153,24 @@ class RunTracker:
         if not self.online:
             log.warning("tracking server %s is unreachable: the run's metrics are kept in %s", self.uri, self.backlog)
 
-    def _send(self, metrics: dict[str, float], step: int) -> None:
+    def _send(self, entry: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        now = _now_ms()
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        # the epoch's own timestamp, also when sent late: a resent batch repeats the same rows
+        step, stamp = entry["step"], entry.get("timestamp", _now_ms())
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in entry["metrics"].items()])
 
     def _flush_backlog(self) -> None:
         if not self.backlog.exists():
             return
         entries = [json.loads(line) for line in self.backlog.read_text().splitlines() if line]
-        for entry in entries:
-            if not self._try(functools.partial(self._send, entry["metrics"], entry["step"])):
+        for i, entry in enumerate(entries):
+            if not self._try(functools.partial(self._send, entry)):
+                if i:  # keep only what was not sent
+                    write_text(self.backlog, "".join(json.dumps(e) + "\n" for e in entries[i:]))
                 return
         self.backlog.unlink()
-        log.info("tracking server is back: sent %d kept epochs", len(entries))
+        log.warning("tracking server %s is back: sent %d kept epochs", self.uri, len(entries))
 
     def _try(self, fn: Callable[[], T]) -> bool:
         try:
@@ -161,12 +178,14 @@ class RunTracker:
         except Exception as exc:
             if self.online:
                 log.warning(
-                    "tracking server %s went away (%s); training goes on, metrics are kept in %s",
+                    "tracking server %s went away (%s: %s); training goes on, metrics are kept in %s",
                     self.uri,
                     type(exc).__name__,
+                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "",
                     self.backlog,
                 )
             self.online = False
+            self.offline_since = time.monotonic()
             return False
         return True
 
@@ -247,6 +266,4 @@ def _param(key: str, value: str) -> Any:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)

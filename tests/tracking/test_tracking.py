@@ -198,3 +198,41 @@ def test_server_going_away_does_not_stop_training(
         assert not (run_dir / "tracking_backlog.jsonl").exists()
     finally:
         revived.stop()
+
+
+def test_server_coming_back_during_training_gets_the_kept_epochs(
+    tiny_config: Path, tmp_path: Path, mlflow_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(tiny_config, {"train.epochs": 3})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tracker = RunTracker(TrackingRequest(cfg, run_dir, mlflow_server.uri))
+    tracker.RETRY_SECONDS = 0.0  # try the server again at every epoch
+    revived = Server(mlflow_server.root)
+    revived.port, revived.uri = mlflow_server.port, mlflow_server.uri
+    backlog_steps: list[list[int]] = []
+
+    def log_then_bounce(record: dict) -> None:
+        tracker.log_epoch(record)
+        backlog = run_dir / "tracking_backlog.jsonl"
+        kept = backlog.read_text().splitlines() if backlog.exists() else []
+        backlog_steps.append([json.loads(line)["step"] for line in kept])
+        if record["epoch"] == 1:
+            mlflow_server.stop()
+        elif record["epoch"] == 2:
+            revived.start()
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            train(TrainRequest(cfg, run_dir, device="cpu", progress=False), on_epoch=log_then_bounce)
+        # epoch 2 is kept while the server is down; epoch 3 finds it back and sends 2, then 3
+        assert backlog_steps == [[], [2], []]
+        assert "went away" in caplog.text and "is back: sent 1 kept epochs" in caplog.text
+        client = MlflowClient(revived.uri)
+        history = client.get_metric_history(tracker.run_id, "loss")
+        assert [m.step for m in history] == [1, 2, 3]
+        tracker.finish()
+        assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [1, 2, 3]
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    finally:
+        revived.stop()
