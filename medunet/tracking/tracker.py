@@ -100,6 +100,7 @@ class RunTracker:
         self.backlog = req.run_dir / "tracking_backlog.jsonl"
         self.online = True
         self.offline_since = 0.0  # time.monotonic() of the last failed call
+        self.in_outage = False  # warned already: retries that fail stay quiet
         name = req.experiment or req.config.name
         try:
             exp = self.client.get_experiment_by_name(name)
@@ -170,13 +171,14 @@ class RunTracker:
                     write_text(self.backlog, "".join(json.dumps(e) + "\n" for e in entries[i:]))
                 return
         self.backlog.unlink()
+        self.in_outage = False
         log.warning("tracking server %s is back: sent %d kept epochs", self.uri, len(entries))
 
     def _try(self, fn: Callable[[], T]) -> bool:
         try:
             fn()
         except Exception as exc:
-            if self.online:
+            if not self.in_outage:
                 log.warning(
                     "tracking server %s went away (%s: %s); training goes on, metrics are kept in %s",
                     self.uri,
@@ -184,7 +186,7 @@ class RunTracker:
                     str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "",
                     self.backlog,
                 )
-            self.online = False
+            self.online, self.in_outage = False, True
             self.offline_since = time.monotonic()
             return False
         return True
