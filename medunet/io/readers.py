@@ -7,15 +7,18 @@ keeps it) places the voxels in the world; that affine is what the written mask c
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.image_reader import ImageReader, ITKReader, NibabelReader, PILReader
 from monai.transforms import LoadImage
+from nibabel.arrayproxy import ArrayProxy
 
 from medunet.errors import InputError
 
@@ -39,6 +42,37 @@ def list_dicom_series(folder: str | Path) -> dict[str, int]:
     return {uid: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
 
 
+class SlabNibabelReader(NibabelReader):
+    """MONAI's ``NibabelReader``, reading the voxels slab by slab into one C-ordered array.
+
+    MONAI's reader returns nibabel's Fortran-ordered array (or memory map), which ``LoadImage``
+    then copies to C order: two copies of the image at once, 2 GB for a 1 GB scan. Here the
+    C-ordered array is the only full-size one (``LoadImage`` shares it), filled from contiguous
+    runs of the last axis, so a scan costs its own size. Values (scaling included), dtype and
+    metadata are MONAI's.
+    """
+
+    slab_bytes = 64 * 2**20
+
+    def __init__(self) -> None:
+        # keep the file open between slabs: a .nii.gz is then decompressed once, front to back
+        super().__init__(mmap=False, keep_file_open=True)
+
+    def _get_array_data(self, img: Any, filename: Any) -> np.ndarray:
+        proxy, shape = img.dataobj, tuple(img.shape)
+        if len(shape) < 2 or not isinstance(proxy, ArrayProxy) or shape[-1] < 2:
+            return super()._get_array_data(img, filename)  # type: ignore[no-any-return]
+        plane_bytes = math.prod(shape[:-1]) * np.dtype(proxy.dtype).itemsize
+        step = max(1, self.slab_bytes // max(plane_bytes, 1))
+        first = np.asanyarray(proxy[..., :step])
+        out = np.empty(shape, dtype=first.dtype)
+        out[..., :step] = first
+        del first
+        for start in range(step, shape[-1], step):
+            out[..., start : start + step] = proxy[..., start : start + step]
+        return out
+
+
 def choose_reader(path: Path, series: str | None = None) -> ImageReader:
     """The MONAI reader for ``path``; a DICOM folder with several series needs ``series``."""
     if path.is_dir():
@@ -55,7 +89,7 @@ def choose_reader(path: Path, series: str | None = None) -> ImageReader:
         # and decodes JPEG 2000 transfer syntaxes.
         return ITKReader(series_name=uid)
     if has_suffix(path, NIFTI_SUFFIXES):
-        return NibabelReader()
+        return SlabNibabelReader()
     if has_suffix(path, ITK_SUFFIXES):
         return ITKReader()
     if has_suffix(path, IMAGE_2D_SUFFIXES):

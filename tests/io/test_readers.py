@@ -116,3 +116,71 @@ def test_headers_match_loaded_geometry(data_dir: Path) -> None:
     check_pair(data_dir / "pyradiomics_cases/brain1_image.nrrd", data_dir / "pyradiomics_cases/brain1_label.nrrd")
     with pytest.raises(InputError, match="label shape"):
         check_pair(data_dir / "pyradiomics_cases/brain1_image.nrrd", data_dir / "pyradiomics_cases/brain2_label.nrrd")
+
+
+@pytest.mark.parametrize(
+    "relpath",
+    [
+        "msd_hippocampus/images/hippocampus_004.nii.gz",
+        "totalseg_examples/example_ct.nii.gz",
+        "brats2015_deepmedic/test/brats_2013_pat0001_1/OTMultiClass.nii.gz",
+    ],
+)
+def test_slab_reader_equals_monai_reader(data_dir: Path, relpath: str) -> None:
+    from monai.data.image_reader import NibabelReader
+    from monai.transforms import LoadImage
+
+    from medunet.io.readers import SlabNibabelReader
+
+    path = str(data_dir / relpath)
+    reference = LoadImage(reader=NibabelReader(), image_only=True)(path)
+    reader = SlabNibabelReader()
+    reader.slab_bytes = 5000  # many slabs, a few slices each
+    ours = LoadImage(reader=reader, image_only=True)(path)
+    assert ours.dtype == reference.dtype and ours.shape == reference.shape and ours.is_contiguous()
+    assert np.array_equal(ours.numpy(), reference.numpy())
+    for key, value in reference.meta.items():
+        assert np.array_equal(np.asarray(ours.meta[key]), np.asarray(value), equal_nan=value is not None and
+                              np.asarray(value).dtype.kind == "f"), key  # fmt: skip
+
+
+def test_scaled_uncompressed_nifti_read_in_slabs(tmp_path: Path) -> None:
+    from medunet.io.readers import SlabNibabelReader
+
+    raw = np.random.default_rng(0).integers(-1000, 3000, size=(20, 16, 12), dtype=np.int16)
+    img = nib.Nifti1Image(raw, np.diag([0.8, 0.8, 2.5, 1.0]))
+    img.header.set_slope_inter(0.5, -10.0)
+    nib.save(img, tmp_path / "scaled.nii")
+    SlabNibabelReader.slab_bytes, saved = 700, SlabNibabelReader.slab_bytes  # two slices per slab
+    try:
+        loaded = load_image(tmp_path / "scaled.nii", spatial_dims=3)
+    finally:
+        SlabNibabelReader.slab_bytes = saved
+    assert np.allclose(loaded[0].numpy(), raw * 0.5 - 10.0)
+
+
+def test_loading_a_large_nifti_holds_one_copy(tmp_path: Path) -> None:
+    """MONAI's own reader holds nibabel's Fortran-ordered array and its C-ordered copy at once."""
+    import subprocess
+    import sys
+
+    shape = (256, 256, 400)  # 105 MB of float32
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)), tmp_path / "big.nii")
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / "small.nii")
+    probe = (
+        "import sys\n"
+        "from medunet.io import load_image\n"
+        "from medunet.io.readers import SlabNibabelReader\n"
+        "SlabNibabelReader.slab_bytes = 8 * 2**20  # small beside the image, as for a real large scan\n"
+        "def hwm():\n"
+        "    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "load_image(sys.argv[2], spatial_dims=3)  # imports and first-use allocations\n"
+        "before = hwm()\n"
+        "x = load_image(sys.argv[1], spatial_dims=3)\n"
+        "print(hwm() - before, x.numel() * 4)\n"
+    )
+    args = [sys.executable, "-c", probe, str(tmp_path / "big.nii"), str(tmp_path / "small.nii")]
+    out = subprocess.run(args, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    growth, image_bytes = (int(v) for v in out.stdout.split())
+    assert growth < 1.3 * image_bytes, (growth, image_bytes)
