@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -167,13 +168,24 @@ def test_unreachable_server_stops_before_training(tiny_config: Path, tmp_path: P
     assert offline.returncode == 0, offline.stderr
 
 
-def test_server_going_away_does_not_stop_training(
-    tiny_config: Path, tmp_path: Path, mlflow_server: Server, caplog: pytest.LogCaptureFixture
-) -> None:
+def three_epoch_run(tiny_config: Path, tmp_path: Path, server: Server) -> tuple[Any, Path, RunTracker]:
     cfg = load_config(tiny_config, {"train.epochs": 3})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    tracker = RunTracker(TrackingRequest(cfg, run_dir, mlflow_server.uri))
+    return cfg, run_dir, RunTracker(TrackingRequest(cfg, run_dir, server.uri))
+
+
+def same_address(server: Server) -> Server:
+    """A new server process on the same store and port (started by the caller)."""
+    revived = Server(server.root)
+    revived.port, revived.uri = server.port, server.uri
+    return revived
+
+
+def test_server_going_away_does_not_stop_training(
+    tiny_config: Path, tmp_path: Path, mlflow_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg, run_dir, tracker = three_epoch_run(tiny_config, tmp_path, mlflow_server)
 
     def log_then_kill(record: dict) -> None:
         tracker.log_epoch(record)
@@ -188,8 +200,7 @@ def test_server_going_away_does_not_stop_training(
     assert [k["step"] for k in kept] == [2, 3] and "dice_mean" in kept[-1]["metrics"]
     assert "went away" in caplog.text and "tracking_backlog.jsonl" in caplog.text
 
-    revived = Server(mlflow_server.root)  # same store, new process: the backlog is sent at the next finish
-    revived.port, revived.uri = mlflow_server.port, mlflow_server.uri
+    revived = same_address(mlflow_server)  # same store, new process: the backlog is sent at the next finish
     revived.start()
     try:
         tracker.finish()
@@ -203,13 +214,9 @@ def test_server_going_away_does_not_stop_training(
 def test_server_coming_back_during_training_gets_the_kept_epochs(
     tiny_config: Path, tmp_path: Path, mlflow_server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = load_config(tiny_config, {"train.epochs": 3})
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    tracker = RunTracker(TrackingRequest(cfg, run_dir, mlflow_server.uri))
+    cfg, run_dir, tracker = three_epoch_run(tiny_config, tmp_path, mlflow_server)
     tracker.RETRY_SECONDS = 0.0  # try the server again at every epoch
-    revived = Server(mlflow_server.root)
-    revived.port, revived.uri = mlflow_server.port, mlflow_server.uri
+    revived = same_address(mlflow_server)
     backlog_steps: list[list[int]] = []
 
     def log_then_bounce(record: dict) -> None:
