@@ -22,7 +22,13 @@ from monai.transforms import Compose, Spacingd
 
 from medunet.errors import InputError
 from medunet.inference.model import SegmentationModel
-from medunet.inference.tiling import TilePlan, default_memory_budget, plan_tiles, resident_memory
+from medunet.inference.tiling import (
+    TilePlan,
+    default_memory_budget,
+    plan_tiles,
+    release_free_memory,
+    resident_memory,
+)
 from medunet.io import load_image
 from medunet.transforms import inference_transform
 
@@ -140,6 +146,7 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
     shape = tuple(x.shape[1:])
     budget = options.max_memory or default_memory_budget()
     resampled = any(isinstance(t, Spacingd) for t in prep.transform.transforms)
+    release_free_memory()  # pages a previous scan freed are not taken
     committed = resident_memory() + 2 * math.prod(prep.input_shape)  # + the uint8 masks on both grids
     if options.probabilities:
         committed += math.prod(shape) * num_classes * 2  # float16

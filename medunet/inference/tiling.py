@@ -9,12 +9,16 @@ segmented in slabs along its last axis, each slab with a margin of context on bo
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import math
 import os
 import re
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from medunet.config import NetworkConfig
@@ -62,6 +66,27 @@ def resident_memory() -> int:
     except (OSError, ValueError, IndexError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the system.
+
+    glibc keeps the pages of freed tensors (a previous scan, a previous recipe) resident, so
+    ``resident_memory`` would count them as taken and plan smaller windows than the budget allows.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def window_bytes_per_voxel(cfg: NetworkConfig, half_precision: bool = False) -> float:
