@@ -17,6 +17,7 @@ import time
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,25 @@ def model_payload(cfg: ExperimentConfig, model: nn.Module) -> dict[str, Any]:
     }
 
 
-class SeededCacheDataset(CacheDataset):
+class JoinedCacheDataset(CacheDataset):
+    """A ``CacheDataset`` whose loader threads have all stopped when a bad case's error leaves it.
+
+    MONAI's pool is left with the error while its other threads are still inside torch; the process
+    then aborts at exit ("terminate called without an active exception") after the one-line error.
+    """
+
+    def _fill_cache(self, indices: list[int] | None = None) -> list:
+        if self.cache_num <= 0:
+            return []
+        pool = ThreadPool(self.num_workers)
+        try:
+            return list(pool.imap(self._load_cache_item, range(self.cache_num) if indices is None else indices))
+        finally:
+            pool.terminate()  # drops the loads not yet started
+            pool.join()  # and waits for those under way
+
+
+class SeededCacheDataset(JoinedCacheDataset):
     """A ``CacheDataset`` whose random transforms are seeded from (seed, epoch, item) on every draw.
 
     Indexed with ``epoch * len(self) + item`` (see ``EpochSampler``), so an item's crop and
@@ -196,7 +215,7 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
         seed=tc.seed,
     )
     val_share = [c.as_item() for c in val_cases][world.rank :: world.size]
-    val_ds = CacheDataset(
+    val_ds = JoinedCacheDataset(
         val_share, preprocess_transform(pre, pad_to_patch=False, volume_dims=volume_dims), progress=False
     )
     sampler = EpochSampler(train_ds, world, seed=tc.seed)

@@ -82,6 +82,27 @@ def test_output_under_a_file_is_refused_before_training(tiny_config: Path, tmp_p
     assert len(lines) == 1 and str(blocker / "run") in lines[0] and "not writable" in lines[0]
 
 
+def test_a_bad_label_file_is_one_line_and_exit_1_while_other_cases_still_load(data_dir: Path, tmp_path: Path) -> None:
+    """The error leaves the cache while other loader threads are inside torch: they are waited for,
+    not left running into the interpreter's exit (which aborts the process)."""
+    cases = sorted((data_dir / "brats2015_deepmedic").glob("*/brats_*"))[:4]
+    rows = ["case_id,image,label,patient_id"]
+    rows += [f"{c.name},{c / 'Flair_subtrMeanDivStd.nii.gz'},{c / 'OTMultiClass.nii.gz'},{c.name}" for c in cases]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "data: {manifest: m.csv, val_fraction: 0.5}\n"
+        "preprocess: {label_names: [background, tumour], label_map: [[1, 1], [2, 1], [3, 1], [4, 1]],"
+        " patch_size: [32, 32, 32]}\n"
+        "network: {features: [8, 16]}\n"
+    )
+    proc = subprocess.run(train_cmd(cfg, tmp_path / "run", "--no-tracking"), capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "OTMultiClass.nii.gz: label values [0, 1, 2, 3, 4] are not all in label_map" in lines[0]
+    assert "terminate called" not in proc.stderr
+
+
 @pytest.fixture
 def tiny_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """A full 1 MiB disk and a read-only one (tmpfs; needs root and mount, else skipped)."""
