@@ -1,6 +1,10 @@
 """medunet's inference path against MONAI's stock sliding-window recipe, same weights, same volume.
 
     python benchmarks/inference_speed.py [--model bundles/hippocampus_mri_3d] [--grid 6 4 4] [--device cpu]
+    python benchmarks/inference_speed.py --model RUN/best.pt --scan FLAIR.nii.gz T1C.nii.gz --label SEG.nii.gz
+
+The volume is a mosaic of real MSD hippocampus cases for the shipped default model, or a real scan
+(``--scan``, one file per channel, with its ``--label`` file) for the model given.
 
 Both paths share the preprocessing (orientation, z-score) and the mapping back to the input grid;
 they differ in the window plan:
@@ -43,6 +47,7 @@ from medunet.evaluation import dice_per_class
 from medunet.inference import load_model
 from medunet.inference.predictor import InferOptions, _to_input_grid, prepare, segment_prepared
 from medunet.inference.tiling import parse_memory, resident_memory
+from medunet.transforms.loading import LoadCased
 
 
 class PeakMemory:
@@ -81,7 +86,7 @@ def conv_flops_per_voxel(network: torch.nn.Module, dims: int, in_channels: int, 
     convs = [m for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
     handles = [m.register_forward_hook(hook) for m in convs]
     x = torch.zeros(1, in_channels, *(64,) * dims, device=device)
-    with torch.inference_mode():
+    with torch.enable_grad():  # the plain forward, one module call per convolution (inference runs some in slabs)
         network(x)
     for h in handles:
         h.remove()
@@ -122,6 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "bundles" / "hippocampus_mri_3d"))
     parser.add_argument("--grid", type=int, nargs=3, default=(6, 4, 4), help="hippocampus boxes per axis")
+    parser.add_argument("--scan", type=Path, nargs="+", default=None, help="a real scan instead (file per channel)")
+    parser.add_argument("--label", type=Path, default=None, help="the scan's label file (values as in training)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--max-memory", default=None, help="medunet's budget, e.g. 6GB (default: medunet's default)")
@@ -139,11 +146,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = load_model(args.model, device=device)
-    image, label, affine = tiled_volume(tuple(args.grid))
-    volume = MetaTensor(torch.from_numpy(image)[None], affine=torch.from_numpy(affine))
-    volume.meta["filename_or_obj"] = "tiled_hippocampus"
-    voxels = image.size
-    print(f"volume {image.shape} ({voxels / 1e6:.1f} M voxels) from real MSD hippocampus cases; model {args.model}")
+    if args.scan:
+        if args.label is None:
+            parser.error("--scan needs its --label")
+        case = LoadCased(3, model.preprocess.label_map)({"image": args.scan, "label": args.label})
+        volume, label = case["image"], case["label"].numpy()[0]
+        origin = f"{args.scan[0].name} and {len(args.scan) - 1} more channel(s)"
+    else:
+        image, label, affine = tiled_volume(tuple(args.grid))
+        volume = MetaTensor(torch.from_numpy(image)[None], affine=torch.from_numpy(affine))
+        volume.meta["filename_or_obj"] = "tiled_hippocampus"
+        origin = "real MSD hippocampus cases"
+    shape = tuple(volume.shape[1:])
+    voxels = math.prod(shape)
+    print(f"volume {shape} ({voxels / 1e6:.1f} M voxels) from {origin}; model {args.model}")
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     num_classes = model.preprocess.num_classes
 
@@ -193,7 +209,7 @@ def main() -> None:
     agree = dice(ours, stock, num_classes)
     ours_vs_label, stock_vs_label = dice(ours, label, num_classes), dice(stock, label, num_classes)
     per_voxel = conv_flops_per_voxel(model.network, 3, model.network_config.in_channels, device)
-    stock_windows = math.prod(1 if s <= 96 else math.ceil((s - 96) / 48) + 1 for s in image.shape) * 96**3
+    stock_windows = math.prod(1 if s <= 96 else math.ceil((s - 96) / 48) + 1 for s in shape) * 96**3
     peak = machine_conv_throughput(3, device)
     ours_windows = plan.network_voxels(prep_shape)
     achieved_ours = per_voxel * ours_windows / t_ours
@@ -239,7 +255,7 @@ def main() -> None:
         args.json.write_text(
             json.dumps(
                 {
-                    "shape": image.shape,
+                    "shape": shape,
                     "device": str(device),
                     "seconds_medunet": t_ours,
                     "seconds_stock": t_stock,

@@ -92,18 +92,24 @@ def release_free_memory() -> None:
 def window_bytes_per_voxel(cfg: NetworkConfig, half_precision: bool = False) -> float:
     """Bytes one window voxel costs in a forward pass without gradients.
 
-    The top decoder level dominates: the skip, the upsampled features, their concatenation and the
-    convolution and norm outputs are alive at once (about 6 maps of ``features[0]`` channels;
-    measured 460-530 B per voxel for a 16-feature 3D U-Net on CPU, 320-410 B for an 8-feature one).
-    Deeper levels add their share at ``2^-dims`` of the voxels per level; attention gates add their
-    intermediate maps.
+    A plain U-Net runs its full-resolution level in slabs and in place at inference
+    (``UNet._forward_lean``): about two maps of ``features[0]`` channels are alive there (the skip and
+    the convolution's output; measured 209-291 B per voxel in all for a 16-feature 3D U-Net on CPU,
+    windows of 1.4-4.7 M voxels). Otherwise (attention gates, group norm) the top decoder level
+    holds about 6 such maps at once (the skip, the upsampled features, their concatenation and the
+    convolution and norm outputs; measured 460-530 B per voxel). Deeper levels add about 6 maps at
+    ``2^-dims`` of the voxels per level. The window's input, logits and their weighted copy add 4
+    values per channel (8 for the plain forward, which also pads and copies its input).
     """
-    maps = 8.0 if cfg.name == "attention_unet" else 6.0
     shrink = 2.0**-cfg.spatial_dims
-    channels = sum(f * shrink**level for level, f in enumerate(cfg.features))
+    deeper = sum(f * shrink**level for level, f in enumerate(cfg.features) if level > 0)
+    if cfg.name == "unet" and cfg.norm in ("instance", "batch", "none"):
+        maps, io = 2.0 * cfg.features[0] + 6.0 * deeper, 4
+    else:
+        maps, io = (8.0 if cfg.name == "attention_unet" else 6.0) * (cfg.features[0] + deeper), 8
     value_bytes = 2 if half_precision else 4
     ensemble = 4 * cfg.out_channels if cfg.ensemble > 1 else 0  # the members' running sum and one member's output
-    return value_bytes * (maps * channels + 8 * (cfg.in_channels + cfg.out_channels) + ensemble)
+    return value_bytes * (maps + io * (cfg.in_channels + cfg.out_channels) + ensemble)
 
 
 def blend_bytes_per_voxel(num_classes: int, half: bool = False) -> int:

@@ -9,6 +9,7 @@ import torch
 
 from medunet.config import NetworkConfig
 from medunet.networks import AttentionUNet, UNet, create_network, list_networks
+from medunet.networks import unet as unet_module
 
 CASES = [(name, dims) for name in list_networks() for dims in (2, 3)]
 
@@ -98,3 +99,40 @@ def test_options(option: dict) -> None:
 def test_unknown_network_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="attention_unet, unet"):
         create_network(NetworkConfig(name="vnet"))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize(
+    ("norm", "upsample", "act"),
+    [("instance", "transpose", "leakyrelu"), ("batch", "interpolate", "gelu"), ("none", "transpose", "relu")],
+)
+def test_inference_in_slabs_equals_forward(
+    monkeypatch: pytest.MonkeyPatch, dims: int, norm: str, upsample: str, act: str
+) -> None:
+    """Without autograd the full-resolution level runs slab by slab (three or four rows at a time here) and
+    in place; the logits are those of the plain forward."""
+    monkeypatch.setattr(unet_module, "LEAN_SLAB_VOXELS", 40)
+    monkeypatch.setattr(unet_module, "LEAN_SLAB_ROWS", 3)  # 7 or 8 slabs, odd sizes and edges
+    net = build("unet", dims, norm=norm, upsample=upsample, act=act).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.uniform_(-0.5, 0.5)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    x = torch.randn((2, 2, *(23, 18, 11)[:dims]))
+    plain = net(x).detach()  # autograd on: the plain forward
+    with torch.inference_mode():
+        assert net._lean_applies()
+        lean = net(x)
+    assert lean.shape == plain.shape == (2, 3, *(23, 18, 11)[:dims])
+    scale = max(1.0, float(plain.abs().max()))  # without a norm the logits reach ~1e4: float32 rounding scales
+    torch.testing.assert_close(lean, plain, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_attention_and_group_norm_keep_the_plain_forward() -> None:
+    with torch.inference_mode():
+        assert not build("attention_unet", 3)._lean_applies()
+        assert not build("unet", 3, norm="group").eval()._lean_applies()
+        assert not build("unet", 3).train()._lean_applies()
