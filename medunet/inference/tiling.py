@@ -10,7 +10,6 @@ segmented in slabs along its last axis, each slab with a margin of context on bo
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import gc
 import math
@@ -70,9 +69,8 @@ def resident_memory() -> int:
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None  # glibc only
+        return ctypes.CDLL(None).malloc_trim  # glibc only (the C library this process already has loaded)
     except (OSError, AttributeError):
         return None
 
@@ -92,18 +90,19 @@ def release_free_memory() -> None:
 def window_bytes_per_voxel(cfg: NetworkConfig, half_precision: bool = False) -> float:
     """Bytes one window voxel costs in a forward pass without gradients.
 
-    A plain U-Net runs its full-resolution level in slabs and in place at inference
+    A plain 3D U-Net runs its full-resolution level in slabs and in place at inference
     (``UNet._forward_lean``): about two maps of ``features[0]`` channels are alive there (the skip and
     the convolution's output; measured 209-291 B per voxel in all for a 16-feature 3D U-Net on CPU,
     windows of 1.4-4.7 M voxels). Otherwise (attention gates, group norm) the top decoder level
     holds about 6 such maps at once (the skip, the upsampled features, their concatenation and the
     convolution and norm outputs; measured 460-530 B per voxel). Deeper levels add about 6 maps at
     ``2^-dims`` of the voxels per level. The window's input, logits and their weighted copy add 4
-    values per channel (8 for the plain forward, which also pads and copies its input).
+    values per channel (8 for the plain forward, whose full-size convolutions add input and output
+    workspace).
     """
     shrink = 2.0**-cfg.spatial_dims
     deeper = sum(f * shrink**level for level, f in enumerate(cfg.features) if level > 0)
-    if cfg.name == "unet" and cfg.norm in ("instance", "batch", "none"):
+    if cfg.name == "unet" and cfg.norm in ("instance", "batch", "none") and cfg.spatial_dims == 3:
         maps, io = 2.0 * cfg.features[0] + 6.0 * deeper, 4
     else:
         maps, io = (8.0 if cfg.name == "attention_unet" else 6.0) * (cfg.features[0] + deeper), 8

@@ -108,10 +108,16 @@ class UNet(nn.Module):
         return out
 
     def _lean_applies(self) -> bool:
-        """Inference without autograd, on a plain U-Net: full-resolution maps can be computed in slabs."""
-        if self.training or torch.is_grad_enabled() or self.use_attention:
+        """Inference without autograd, on a plain 3D U-Net: full-resolution maps can be computed in slabs.
+
+        (A 2D map's slab would be most of its rows, so 2D networks keep the plain forward.)
+        """
+        if self.training or torch.is_grad_enabled() or self.use_attention or self.spatial_dims != 3:
             return False
-        return all(isinstance(m, LEAN_LAYERS) for m in (*self.encoder[0].children(), *self.decoder[-1].children()))
+        layers = [*self.encoder[0].children(), *self.decoder[-1].children(), self.head]
+        if not all(isinstance(m, LEAN_LAYERS) for m in layers):
+            return False
+        return all(_plain_conv(m) for m in layers if isinstance(m, nn.Conv3d))
 
     def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` at inference with about half the memory: the full-resolution level (the
@@ -174,6 +180,14 @@ LEAN_LAYERS = (
     nn.GELU,
     nn.Dropout,
 )
+
+
+def _plain_conv(conv: nn.Conv3d) -> bool:
+    """A convolution ``_conv_slabs`` computes exactly: stride 1, 'same' zero padding, no dilation or groups."""
+    if isinstance(conv.padding, str):
+        return False
+    same = all(k == 2 * p + 1 for k, p in zip(conv.kernel_size, conv.padding, strict=True))
+    return same and conv.padding_mode == "zeros" and conv.groups == 1 and set(conv.stride) | set(conv.dilation) == {1}
 
 
 def _lean_block(block: nn.Module, inputs: list[torch.Tensor | _Upsampled], rows: int) -> torch.Tensor:
@@ -239,7 +253,7 @@ def _conv_slabs(conv: nn.Module, inputs: list[torch.Tensor | _Upsampled], rows: 
     assert isinstance(first, torch.Tensor)
     halo = int(conv.padding[0])
     n = first.shape[2]
-    out = first.new_empty((first.shape[0], conv.out_channels, *first.shape[2:]))
+    out: torch.Tensor | None = None  # allocated from the first slab: its dtype follows autocast
     weights = conv.weight.split([t.channels if isinstance(t, _Upsampled) else t.shape[1] for t in inputs], dim=1)
     run = F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
     padding = (0, *conv.padding[1:])
@@ -254,7 +268,10 @@ def _conv_slabs(conv: nn.Module, inputs: list[torch.Tensor | _Upsampled], rows: 
         assert acc is not None
         if conv.bias is not None:
             acc += conv.bias.view(1, -1, *([1] * (first.dim() - 2)))
+        if out is None:
+            out = acc.new_empty((first.shape[0], conv.out_channels, *first.shape[2:]))
         out[:, :, a:b] = acc
+    assert out is not None
     return out
 
 
@@ -263,7 +280,7 @@ def _norm_in_place(norm: nn.Module, x: torch.Tensor) -> None:
     assert isinstance(norm, nn.InstanceNorm2d | nn.InstanceNorm3d | nn.BatchNorm2d | nn.BatchNorm3d)
     channel = (1, -1, *([1] * (x.dim() - 2)))
     if isinstance(norm, nn.InstanceNorm2d | nn.InstanceNorm3d) and not norm.track_running_stats:
-        var, mean = torch.var_mean(x, dim=tuple(range(2, x.dim())), correction=0, keepdim=True)
+        var, mean = _var_mean(x)
     else:
         assert norm.running_mean is not None and norm.running_var is not None
         mean, var = norm.running_mean.view(channel), norm.running_var.view(channel)
@@ -274,3 +291,22 @@ def _norm_in_place(norm: nn.Module, x: torch.Tensor) -> None:
     if norm.bias is not None:
         shift = shift + norm.bias.view(channel)
     x.mul_(scale).add_(shift)
+
+
+def _var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased variance and mean per sample and channel, shaped ``(B, C, 1, ...)``; half-precision maps
+    (CUDA autocast) are summed slab by slab in float64, as autocast runs norms in float32."""
+    dims = tuple(range(2, x.dim()))
+    if x.dtype == torch.float32 or x.dtype == torch.float64:
+        return torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    total = x.new_zeros(x.shape[:2], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for a, b in _slabs(x.shape[2], LEAN_SLAB_ROWS):
+        part = x[:, :, a:b].double()
+        total += part.sum(dims)
+        squares += part.square().sum(dims)
+    count = math.prod(x.shape[2:])
+    mean = total / count
+    var = (squares / count - mean.square()).clamp_min(0)
+    shape = (*x.shape[:2], *([1] * len(dims)))
+    return var.float().reshape(shape), mean.float().reshape(shape)

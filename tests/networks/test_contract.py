@@ -101,19 +101,19 @@ def test_unknown_network_lists_valid_names() -> None:
         create_network(NetworkConfig(name="vnet"))
 
 
-@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("size", [(23, 18, 11), (16, 9, 13)])
 @pytest.mark.parametrize(
     ("norm", "upsample", "act"),
     [("instance", "transpose", "leakyrelu"), ("batch", "interpolate", "gelu"), ("none", "transpose", "relu")],
 )
 def test_inference_in_slabs_equals_forward(
-    monkeypatch: pytest.MonkeyPatch, dims: int, norm: str, upsample: str, act: str
+    monkeypatch: pytest.MonkeyPatch, size: tuple[int, ...], norm: str, upsample: str, act: str
 ) -> None:
     """Without autograd the full-resolution level runs slab by slab (three or four rows at a time here) and
     in place; the logits are those of the plain forward."""
     monkeypatch.setattr(unet_module, "LEAN_SLAB_VOXELS", 40)
     monkeypatch.setattr(unet_module, "LEAN_SLAB_ROWS", 3)  # 7 or 8 slabs, odd sizes and edges
-    net = build("unet", dims, norm=norm, upsample=upsample, act=act).eval()
+    net = build("unet", 3, norm=norm, upsample=upsample, act=act).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.uniform_(-0.5, 0.5)
@@ -121,18 +121,36 @@ def test_inference_in_slabs_equals_forward(
             if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm3d):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
-    x = torch.randn((2, 2, *(23, 18, 11)[:dims]))
+    x = torch.randn((2, 2, *size))
     plain = net(x).detach()  # autograd on: the plain forward
     with torch.inference_mode():
         assert net._lean_applies()
         lean = net(x)
-    assert lean.shape == plain.shape == (2, 3, *(23, 18, 11)[:dims])
+    assert lean.shape == plain.shape == (2, 3, *size)
     scale = max(1.0, float(plain.abs().max()))  # without a norm the logits reach ~1e4: float32 rounding scales
     torch.testing.assert_close(lean, plain, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_attention_and_group_norm_keep_the_plain_forward() -> None:
+def test_attention_group_norm_and_2d_keep_the_plain_forward() -> None:
     with torch.inference_mode():
-        assert not build("attention_unet", 3)._lean_applies()
+        assert not build("attention_unet", 3).eval()._lean_applies()
+        assert not build("unet", 2).eval()._lean_applies()
+        assert build("unet", 3).eval()._lean_applies()
         assert not build("unet", 3, norm="group").eval()._lean_applies()
         assert not build("unet", 3).train()._lean_applies()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_instance_norm_in_place_matches_torch(dtype: torch.dtype) -> None:
+    """Half-precision maps (CUDA autocast) keep their dtype; their statistics are taken in float64."""
+    norm = torch.nn.InstanceNorm3d(4, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 4, 3 * unet_module.LEAN_SLAB_ROWS + 5, 12, 9) * 3 + 1  # several slabs
+    expected = torch.nn.functional.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+    y = x.to(dtype)
+    with torch.no_grad():
+        unet_module._norm_in_place(norm, y)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
