@@ -2,6 +2,7 @@
 
     python benchmarks/inference_speed.py [--model bundles/hippocampus_mri_3d] [--grid 6 4 4] [--device cpu]
     python benchmarks/inference_speed.py --model RUN/best.pt --scan FLAIR.nii.gz T1C.nii.gz --label SEG.nii.gz
+    python benchmarks/inference_speed.py ... [--max-memory 6GB] [--overlap 0.25]   # medunet's plan, as in `infer`
 
 The volume is a mosaic of real MSD hippocampus cases for the shipped default model, or a real scan
 (``--scan``, one file per channel, with its ``--label`` file) for the model given.
@@ -11,7 +12,8 @@ they differ in the window plan:
 
 - stock: ``SlidingWindowInferer(roi_size=96³, sw_batch_size=4, overlap=0.5, mode="gaussian")``;
 - medunet: the fewest, largest windows the memory budget allows, overlapping by the network's
-  context, blended slab by slab (``medunet.inference.tiling``), at the default ``--max-memory``.
+  context, blended slab by slab (``medunet.inference.tiling``), at the default ``--max-memory``
+  (or the ``--max-memory`` and ``--overlap`` given).
 
 Printed: seconds and the time ratio, Dice agreement between the two masks (and of each with the
 real labels), peak resident memory of each (sampled while it runs), and the share of the machine's
@@ -133,6 +135,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--max-memory", default=None, help="medunet's budget, e.g. 6GB (default: medunet's default)")
     parser.add_argument(
+        "--overlap", type=float, default=None, help="medunet's window overlap fraction, as `medunet infer "
+        "--overlap` (default: a sixth of the network's receptive field)"
+    )  # fmt: skip
+    parser.add_argument(
         "--floor", action="store_true", help="also run the stock recipe with 112^3 windows: how much masks move "
         "with the tiling alone (instance norm makes a network's output depend on the window it sees)"
     )  # fmt: skip
@@ -197,7 +203,7 @@ def main() -> None:
         start = time.perf_counter()
         prep = prepare(volume, model)
         budget = parse_memory(args.max_memory) if args.max_memory else None
-        seg = segment_prepared(prep, model, InferOptions(max_memory=budget))
+        seg = segment_prepared(prep, model, InferOptions(max_memory=budget, overlap=args.overlap))
         t_ours = time.perf_counter() - start
     ours = seg.labels.numpy()
     plan, prep_shape = seg.plan, tuple(prep.x.shape[1:])
@@ -260,6 +266,7 @@ def main() -> None:
                     "seconds_medunet": t_ours,
                     "seconds_stock": t_stock,
                     "speedup": t_stock / t_ours,
+                    "plan": plan.describe(prep_shape),
                     "agreement": agree,
                     "dice_medunet": ours_vs_label,
                     "dice_stock": stock_vs_label,

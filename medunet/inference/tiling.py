@@ -55,7 +55,8 @@ def default_memory_budget() -> int:
     """Peak resident memory ``medunet infer`` aims to stay under: a quarter of the machine, at most 2 GiB.
 
     Two GiB keeps a 512x512x600 CT on a laptop; a larger budget (``--max-memory``) buys larger
-    windows and so fewer overlaps, not a different result.
+    windows and so fewer window edges, where a voxel sees less context than in one pass over the
+    whole image (on a BraTS scan: Dice 0.981 against that pass at 2 GiB, 0.998 at 6 GB).
     """
     return min(2 * GiB, total_memory() // 4)
 
@@ -188,6 +189,32 @@ def layout_windows(
         overlaps.append(max((r - stride) / r - 1e-7, 0.0))
     counts = [_monai_count(s, r, o) for s, r, o in zip(shape, roi, overlaps, strict=True)]
     return Layout(tuple(roi), tuple(overlaps), tuple(counts))
+
+
+def _layout_with_overlap(
+    layout: Layout, shape: Sequence[int], max_window_voxels: int, patch: Sequence[int], multiple: int, overlap: float
+) -> Layout:
+    """The cheapest layout whose neighbouring windows overlap by at least ``overlap`` of their side.
+
+    Candidates: ``layout``'s windows with more of them, and layouts re-laid with the overlap as
+    their context (rounded up to ``multiple``), whose windows grow to take it within the budget.
+    """
+
+    def at_least(lay: Layout) -> Layout:
+        overlaps = tuple(o if n == 1 else max(o, overlap) for o, n in zip(lay.overlap, lay.counts, strict=True))
+        counts = tuple(_monai_count(s, r, o) for s, r, o in zip(shape, lay.roi, overlaps, strict=True))
+        return Layout(lay.roi, overlaps, counts)
+
+    candidates = [at_least(layout)]
+    for _ in range(4):
+        split = [r for r, n in zip(layout.roi, layout.counts, strict=True) if n > 1]
+        context = multiple * math.ceil(overlap * max(split, default=0) / multiple)
+        relaid = layout_windows(shape, max_window_voxels, patch, multiple, context)
+        if relaid == layout:
+            break
+        layout = relaid
+        candidates.append(at_least(layout))
+    return min(candidates, key=lambda lay: lay.coverage(shape))
 
 
 def _side(size: int, count: int, patch: int, multiple: int, context: int) -> int:
@@ -337,8 +364,7 @@ def plan_tiles(
     else:
         layout = layout_windows(window_shape, max_voxels, patch[:window_dims], multiple, context)
         if overlap is not None:
-            counts = tuple(_monai_count(s, r, overlap) for s, r in zip(window_shape, layout.roi, strict=True))
-            layout = Layout(layout.roi, (overlap,) * len(layout.roi), counts)
+            layout = _layout_with_overlap(layout, window_shape, max_voxels, patch[:window_dims], multiple, overlap)
     batch = max(1, min(8, max_voxels // max(layout.window_voxels, 1), math.prod(layout.counts)))
     if slice_wise:  # one window spans the slab's depth; its slices go through the network ``batch`` at a time
         batch = max(1, min(16, max_voxels // max(layout.window_voxels, 1), slab_shape[-1]))

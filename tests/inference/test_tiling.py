@@ -71,6 +71,24 @@ def test_layout_fits_budget_and_overlaps_by_context(shape: tuple[int, ...], max_
         assert layout.coverage(shape) * math.prod(shape) < stock / 2
 
 
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
+def test_an_asked_overlap_grows_the_windows_before_adding_any(overlap: float) -> None:
+    shape, patch, committed = (240, 240, 155), (64, 64, 64), 700 * MiB
+    default = plan_tiles(shape, UNET_3D, patch, 2 * GiB, committed, num_classes=2)
+    plan = plan_tiles(shape, UNET_3D, patch, 2 * GiB, committed, num_classes=2, overlap=overlap)
+    layout = plan.layout
+    assert layout.window_voxels * window_bytes_per_voxel(UNET_3D) <= plan.window_budget  # the same budget
+    assert list(layout.counts) == monai_windows(shape, layout.roi, layout.overlap)
+    for s, r, n in zip(shape, layout.roi, layout.counts, strict=True):
+        if n > 1:  # neighbours share at least the asked fraction of a window
+            assert r - (s - r) / (n - 1) >= overlap * r - 1e-6
+    # the default windows with the asked overlap: a window more on most axes
+    kept = math.prod(monai_windows(shape, default.layout.roi, (overlap,) * 3)) * default.layout.window_voxels
+    assert layout.coverage(shape) * math.prod(shape) <= kept
+    if overlap == 0.25:  # 144x144x104 windows, 8 of them, against 3x3x2 of the default 128x128x88
+        assert layout.coverage(shape) < 0.8 * kept / math.prod(shape)
+
+
 def test_receptive_field_of_a_four_level_unet() -> None:
     assert receptive_field(UNET_3D) == 96
     assert receptive_field(replace(UNET_3D, features=(8, 16))) == 18
