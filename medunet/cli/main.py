@@ -217,7 +217,13 @@ def infer(
     ] = None,
     roi: Annotated[str | None, typer.Option(help="Window size, e.g. 96,96,96 (default: largest that fits).")] = None,
     overlap: Annotated[
-        float | None, typer.Option(min=0.0, max=0.95, help="Window overlap fraction (default: the network's context).")
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.95,
+            help="Least overlap of neighbouring windows, a fraction of a window; the plan grows its windows to "
+            "keep it (default: a sixth of the network's receptive field).",
+        ),
     ] = None,
     stats: Annotated[Path | None, typer.Option(help="CSV of voxel count and volume (ml) per scan and label.")] = None,
     qc: Annotated[

@@ -42,7 +42,7 @@ class InferOptions:
     probabilities: bool = False  # keep the class probabilities (float16 in memory)
     tta: bool = False  # average over mirrored copies along every spatial axis
     largest_component: bool = False  # keep only the largest connected component of each class
-    overlap: float | None = None  # window overlap fraction (default: the context the network needs)
+    overlap: float | None = None  # least window overlap, a fraction of a window (default: the network's context)
     roi: tuple[int, ...] | None = None  # window size (default: the largest the budget allows)
     max_memory: int | None = None  # peak bytes to aim for (default: ``default_memory_budget()``)
 
