@@ -196,12 +196,13 @@ def _layout_with_overlap(
 ) -> Layout:
     """The cheapest layout whose neighbouring windows overlap by at least ``overlap`` of their side.
 
-    Candidates: ``layout``'s windows with more of them, and layouts re-laid with the overlap as
-    their context (rounded up to ``multiple``), whose windows grow to take it within the budget.
+    Candidates: ``layout``'s windows, with more of them where the overlap needs it, and layouts
+    re-laid with the overlap as their context (rounded up to ``multiple``), whose windows may grow
+    to take it within the budget.
     """
 
-    def at_least(lay: Layout) -> Layout:
-        overlaps = tuple(o if n == 1 else max(o, overlap) for o, n in zip(lay.overlap, lay.counts, strict=True))
+    def at_least(lay: Layout) -> Layout:  # MONAI's interval, int(roi * (1 - overlap)), keeps at least it
+        overlaps = tuple(o if n == 1 else overlap for o, n in zip(lay.overlap, lay.counts, strict=True))
         counts = tuple(_monai_count(s, r, o) for s, r, o in zip(shape, lay.roi, overlaps, strict=True))
         return Layout(lay.roi, overlaps, counts)
 
@@ -209,7 +210,10 @@ def _layout_with_overlap(
     for _ in range(4):
         split = [r for r, n in zip(layout.roi, layout.counts, strict=True) if n > 1]
         context = multiple * math.ceil(overlap * max(split, default=0) / multiple)
-        relaid = layout_windows(shape, max_window_voxels, patch, multiple, context)
+        try:
+            relaid = layout_windows(shape, max_window_voxels, patch, multiple, context)
+        except MemoryError:  # a context this wide leaves no axis to split: more of the smaller windows
+            break
         if relaid == layout:
             break
         layout = relaid
