@@ -25,6 +25,7 @@ from medunet.inference.model import SegmentationModel
 from medunet.inference.tiling import (
     TilePlan,
     default_memory_budget,
+    freed_pages_kept,
     plan_tiles,
     release_free_memory,
     resident_memory,
@@ -183,11 +184,12 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
             model.source, "--tta: this model was trained without mirroring, so mirrored copies would only hurt"
         )
     tta_axes = model.infer.tta_axes if options.tta else ()
-    run = _predictor(model.network, tta_axes, device.type == "cuda" and dims == 3)
+    run = _predictor(model.network, tta_axes, channels_last=dims == 3)
     if prep.slice_wise:
         run = _slice_predictor(run, plan.sw_batch_size)
-    labels, probs = _blend(x.as_tensor(), run, plan, num_classes, device, options.probabilities or resampled)
-    labels, probs = _to_input_grid(prep, labels, probs, resampled)
+    with freed_pages_kept():
+        labels, probs = _blend(x.as_tensor(), run, plan, num_classes, device, options.probabilities or resampled)
+        labels, probs = _to_input_grid(prep, labels, probs, resampled)
     if probs is not None and not options.probabilities:
         probs = None
     if options.largest_component:

@@ -9,6 +9,7 @@ segmented in slabs along its last axis, each slab with a margin of context on bo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -17,7 +18,7 @@ import os
 import re
 import resource
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from medunet.config import NetworkConfig
@@ -77,6 +78,44 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return ctypes.CDLL(None).malloc_trim  # glibc only (the C library this process already has loaded)
     except (OSError, AttributeError):
         return None
+
+
+@functools.cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    try:
+        return ctypes.CDLL(None).mallopt  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_LARGEST_THRESHOLD = 2**31 - 1  # mallopt takes an int
+_STEADY_MMAP_THRESHOLD = 32 * MiB  # where glibc's own sliding threshold ends up after large frees
+
+
+@contextlib.contextmanager
+def freed_pages_kept() -> Iterator[None]:
+    """Keep the pages of freed tensors in this process while windows run, then hand them back.
+
+    glibc returns every block over its mmap threshold (at most 32 MiB) to the system when it is
+    freed, so each layer's new map of a large window starts on fresh pages that the kernel faults
+    in and zeroes one by one: on this project's CPU machines that was a third of the process's time
+    on a BraTS scan. Inside this context blocks up to 2 GiB come from the heap and stay there for
+    the next layer; on exit the free pages go back (``malloc_trim``). Elsewhere than glibc it does
+    nothing.
+    """
+    mallopt, trim = _mallopt(), _malloc_trim()
+    if mallopt is None or trim is None:
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, _LARGEST_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, _LARGEST_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP_THRESHOLD)
+        mallopt(_M_TRIM_THRESHOLD, 2 * _STEADY_MMAP_THRESHOLD)  # glibc's ratio to the sliding threshold
+        trim(0)
 
 
 def release_free_memory() -> None:

@@ -22,6 +22,7 @@ from medunet.inference.tiling import (
     GiB,
     MiB,
     _malloc_trim,
+    _mallopt,
     blend_bytes_per_voxel,
     layout_windows,
     parse_memory,
@@ -190,6 +191,30 @@ def test_memory_a_previous_scan_freed_is_not_counted_as_taken() -> None:
     held, after = map(int, proc.stdout.split())
     assert held >= 390, "the freed tensors were handed back without a trim; the test no longer shows anything"
     assert after <= 230, f"{after} MiB still resident for 200 MiB of live tensors"
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from Linux /proc")
+@pytest.mark.skipif(_mallopt() is None or _malloc_trim() is None, reason="glibc's mallopt is not in this C library")
+def test_freed_pages_stay_while_windows_run_and_go_back_after() -> None:
+    """Inside ``freed_pages_kept`` a freed 256 MiB map stays for the next layer instead of being
+    unmapped (and faulted in again); on exit it is handed back and glibc unmaps large blocks again."""
+    code = (
+        "import torch\n"
+        "from medunet.inference.tiling import MiB, freed_pages_kept, release_free_memory, resident_memory\n"
+        "release_free_memory(); before = resident_memory()\n"
+        "with freed_pages_kept():\n"
+        "    big = torch.ones(64 * MiB); del big\n"
+        "    kept = resident_memory() - before\n"
+        "after = resident_memory() - before\n"
+        "big = torch.ones(64 * MiB); del big\n"
+        "print(kept // MiB, after // MiB, (resident_memory() - before) // MiB)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    kept, after, later = map(int, proc.stdout.split())
+    assert kept >= 250, f"only {kept} MiB of a freed 256 MiB map stayed"
+    assert after <= 16, f"{after} MiB still held after the context"
+    assert later <= 16, f"{later} MiB held after a large block freed outside the context: the threshold stayed up"
 
 
 def test_a_2d_network_over_a_volume_tiles_the_plane_only() -> None:

@@ -101,16 +101,17 @@ def test_unknown_network_lists_valid_names() -> None:
         create_network(NetworkConfig(name="vnet"))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("size", [(23, 18, 11), (16, 9, 13)])
 @pytest.mark.parametrize(
     ("norm", "upsample", "act"),
     [("instance", "transpose", "leakyrelu"), ("batch", "interpolate", "gelu"), ("none", "transpose", "relu")],
 )
 def test_inference_in_slabs_equals_forward(
-    monkeypatch: pytest.MonkeyPatch, size: tuple[int, ...], norm: str, upsample: str, act: str
+    monkeypatch: pytest.MonkeyPatch, size: tuple[int, ...], norm: str, upsample: str, act: str, channels_last: bool
 ) -> None:
     """Without autograd the full-resolution level runs slab by slab (three or four rows at a time here) and
-    in place; the logits are those of the plain forward."""
+    in place; the logits are those of the plain forward, in either memory layout."""
     monkeypatch.setattr(unet_module, "LEAN_SLAB_VOXELS", 40)
     monkeypatch.setattr(unet_module, "LEAN_SLAB_ROWS", 3)  # 7 or 8 slabs, odd sizes and edges
     net = build("unet", 3, norm=norm, upsample=upsample, act=act).eval()
@@ -122,6 +123,8 @@ def test_inference_in_slabs_equals_forward(
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
     x = torch.randn((2, 2, *size))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     plain = net(x).detach()  # autograd on: the plain forward
     with torch.inference_mode():
         assert net._lean_applies()
@@ -154,3 +157,27 @@ def test_instance_norm_in_place_matches_torch(dtype: torch.dtype) -> None:
         unet_module._norm_in_place(norm, y)
     assert y.dtype == dtype
     torch.testing.assert_close(y.float(), expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_a_few_channel_slab_keeps_its_channels_last_layout() -> None:
+    """PyTorch sends a one-sample, two-channel slab of a few rows to its generic convolution, which is
+    several times slower and answers channels-first; the slab convolution keeps oneDNN and the layout."""
+    x = torch.randn(1, 2, 19, 136, 96).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(16, 2, 3, 3, 3)
+    with torch.inference_mode():
+        y = unet_module._conv_stride1(x, w, [0, 1, 1])
+        expected = torch.nn.functional.conv3d(x, w, None, 1, (0, 1, 1))
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    if torch.backends.mkldnn.is_available():
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_channel_statistics_match_float64(layout: torch.memory_format) -> None:
+    """The CPU statistics of instance norm, over several row blocks, on maps far from zero mean."""
+    x = (torch.randn(2, 5, 31, 17, 13) * 3 + 100).contiguous(memory_format=layout)
+    var, mean = unet_module._var_mean_cpu(x, rows=1000)
+    var64, mean64 = torch.var_mean(x.double(), dim=(2, 3, 4), correction=0, keepdim=True)
+    assert var.shape == mean.shape == (2, 5, 1, 1, 1)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=0)
