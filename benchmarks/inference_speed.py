@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--max-memory", default=None, help="medunet's budget, e.g. 6GB (default: medunet's default)")
     parser.add_argument(
         "--overlap", type=float, default=None, help="medunet's window overlap fraction, as `medunet infer "
-        "--overlap` (default: a sixth of the network's receptive field)"
+        "--overlap` (default: a third of the network's receptive field)"
     )  # fmt: skip
     parser.add_argument(
         "--floor", action="store_true", help="also run the stock recipe with 112^3 windows: how much masks move "

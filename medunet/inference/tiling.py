@@ -260,6 +260,20 @@ def _layout_with_overlap(
     return min(candidates, key=lambda lay: lay.coverage(shape))
 
 
+def _layout_narrowing_context(
+    shape: Sequence[int], max_window_voxels: int, patch: Sequence[int], multiple: int, context: int
+) -> Layout:
+    """``layout_windows`` with ``context``, or with half as much (down to ``multiple``) where a budget
+    this tight cannot split the windows while keeping it: less context near the edges beats a refusal."""
+    while True:
+        try:
+            return layout_windows(shape, max_window_voxels, patch, multiple, context)
+        except MemoryError:
+            if context <= multiple:
+                raise
+            context = multiple * max(1, context // multiple // 2)
+
+
 def _side(size: int, count: int, patch: int, multiple: int, context: int) -> int:
     if size <= patch:
         return patch
@@ -351,7 +365,7 @@ def plan_tiles(
     beside it. ``roi`` and ``overlap`` (a fraction, as MONAI's) override the automatic choice.
     """
     multiple = 2 ** (len(cfg.features) - 1)
-    context = multiple * max(1, math.ceil(receptive_field(cfg) / (6 * multiple)))  # a sixth of the field
+    context = multiple * max(1, math.ceil(receptive_field(cfg) / (3 * multiple)))  # a third of the field
     per_window_voxel = window_bytes_per_voxel(cfg, half_precision)
     window_dims = len(shape) - 1 if slice_wise else len(shape)
     usable = int(budget * 0.8)
@@ -405,7 +419,7 @@ def plan_tiles(
         counts = tuple(_monai_count(s, r, ov) for s, r in zip(window_shape, roi_t, strict=True))
         layout = Layout(roi_t, (ov,) * len(roi_t), counts)
     else:
-        layout = layout_windows(window_shape, max_voxels, patch[:window_dims], multiple, context)
+        layout = _layout_narrowing_context(window_shape, max_voxels, patch[:window_dims], multiple, context)
         if overlap is not None:
             layout = _layout_with_overlap(layout, window_shape, max_voxels, patch[:window_dims], multiple, overlap)
     batch = max(1, min(8, max_voxels // max(layout.window_voxels, 1), math.prod(layout.counts)))

@@ -21,6 +21,7 @@ from medunet.inference.tiling import (
     WINDOW_OVERHEAD,
     GiB,
     MiB,
+    _layout_narrowing_context,
     _malloc_trim,
     _mallopt,
     blend_bytes_per_voxel,
@@ -215,6 +216,17 @@ def test_freed_pages_stay_while_windows_run_and_go_back_after() -> None:
     assert kept >= 250, f"only {kept} MiB of a freed 256 MiB map stayed"
     assert after <= 16, f"{after} MiB still held after the context"
     assert later <= 16, f"{later} MiB held after a large block freed outside the context: the threshold stayed up"
+
+
+def test_a_tight_budget_narrows_the_context_instead_of_refusing() -> None:
+    """Windows that cannot be split far enough to keep 32 voxels of overlap keep 16 or 8 instead."""
+    shape, patch, most = (64, 72, 90), (16, 16, 16), 24**3
+    with pytest.raises(MemoryError):
+        layout_windows(shape, most, patch, 8, 32)
+    layout = _layout_narrowing_context(shape, most, patch, 8, 32)
+    assert layout.window_voxels <= most
+    assert all(r >= p for r, p in zip(layout.roi, patch, strict=True))
+    assert layout == layout_windows(shape, most, patch, 8, 16) or layout == layout_windows(shape, most, patch, 8, 8)
 
 
 def test_a_2d_network_over_a_volume_tiles_the_plane_only() -> None:
