@@ -48,7 +48,7 @@ from volumes import REPO, tiled_volume
 from medunet.evaluation import dice_per_class
 from medunet.inference import load_model
 from medunet.inference.predictor import InferOptions, _to_input_grid, prepare, segment_prepared
-from medunet.inference.tiling import parse_memory, resident_memory
+from medunet.inference.tiling import TilePlan, parse_memory, resident_memory
 from medunet.transforms.loading import LoadCased
 
 
@@ -146,6 +146,10 @@ def main() -> None:
         "--untiled", action="store_true", help="also run the network once over the whole volume (no windows, "
         "several GB): the answer without tiling, against which both paths' masks are scored"
     )  # fmt: skip
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run both paths this many times, alternating, and compare the "
+        "median times (a shared machine's speed drifts by a fifth within minutes)"
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     if args.threads:
@@ -190,25 +194,37 @@ def main() -> None:
         del logits
         return _to_input_grid(prep, labels, None, resampled=False)[0].numpy()
 
-    # stock first, so that it is not the one running on memory the other left behind
-    gc.collect()
-    with PeakMemory() as mem_stock:
-        start = time.perf_counter()
-        stock = stock_recipe(96)
-        t_stock = time.perf_counter() - start
-    floor = dice(stock_recipe(112), stock, num_classes) if args.floor else None
-    gc.collect()
-
-    with PeakMemory() as mem_ours:
-        start = time.perf_counter()
+    def medunet_path() -> tuple[np.ndarray, TilePlan, tuple[int, ...]]:
         prep = prepare(volume, model)
         budget = parse_memory(args.max_memory) if args.max_memory else None
         seg = segment_prepared(prep, model, InferOptions(max_memory=budget, overlap=args.overlap))
-        t_ours = time.perf_counter() - start
-    ours = seg.labels.numpy()
-    plan, prep_shape = seg.plan, tuple(prep.x.shape[1:])
-    assert plan is not None
-    del seg, prep
+        assert seg.plan is not None
+        return seg.labels.numpy(), seg.plan, tuple(prep.x.shape[1:])
+
+    # stock first, so that it is not the one running on memory the other left behind; with --repeat
+    # the two alternate and the medians are compared (peaks are the first round's)
+    times_stock: list[float] = []
+    times_ours: list[float] = []
+    mems_stock: list[PeakMemory] = []
+    mems_ours: list[PeakMemory] = []
+    floor = None
+    for trial in range(args.repeat):
+        gc.collect()
+        with PeakMemory() as mem:
+            start = time.perf_counter()
+            stock = stock_recipe(96)
+            times_stock.append(time.perf_counter() - start)
+        mems_stock.append(mem)
+        if args.floor and floor is None:
+            floor = dice(stock_recipe(112), stock, num_classes)
+        gc.collect()
+        with PeakMemory() as mem:
+            start = time.perf_counter()
+            ours, plan, prep_shape = medunet_path()
+            times_ours.append(time.perf_counter() - start)
+        mems_ours.append(mem)
+    t_stock, t_ours = float(np.median(times_stock)), float(np.median(times_ours))
+    mem_stock, mem_ours = mems_stock[0], mems_ours[0]
 
     # after medunet's path: its several GB would otherwise shrink the budget medunet plans with
     untiled = untiled_labels() if args.untiled else None
@@ -230,6 +246,9 @@ def main() -> None:
         f"  windows 96^3, overlap 0.5, coverage {stock_windows / voxels:.2f}"
     )
     print(f"speed-up: {t_stock / t_ours:.2f}x")
+    if args.repeat > 1:
+        rounds = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(times_ours, times_stock, strict=True))
+        print(f"  medians of {args.repeat} alternating rounds (medunet/stock s: {rounds})")
     print(
         "agreement (Dice medunet vs stock): "
         + ", ".join(f"{n} {d:.4f}" for n, d in zip(model.label_names[1:], agree, strict=True))
@@ -265,6 +284,8 @@ def main() -> None:
                     "device": str(device),
                     "seconds_medunet": t_ours,
                     "seconds_stock": t_stock,
+                    "rounds_medunet": times_ours,
+                    "rounds_stock": times_stock,
                     "speedup": t_stock / t_ours,
                     "plan": plan.describe(prep_shape),
                     "agreement": agree,

@@ -18,12 +18,14 @@ import medunet
 from medunet.config import NetworkConfig
 from medunet.inference.predictor import _blend, _predictor, prepare
 from medunet.inference.tiling import (
+    CONTEXT_COVERAGE,
     WINDOW_OVERHEAD,
     GiB,
+    Layout,
     MiB,
-    _layout_narrowing_context,
     _malloc_trim,
     _mallopt,
+    _plan_with_context,
     blend_bytes_per_voxel,
     layout_windows,
     parse_memory,
@@ -218,15 +220,38 @@ def test_freed_pages_stay_while_windows_run_and_go_back_after() -> None:
     assert later <= 16, f"{later} MiB held after a large block freed outside the context: the threshold stayed up"
 
 
+def _shared_voxels(layout: Layout) -> list[int]:
+    """Voxels neighbouring windows share on each split axis (MONAI's interval, ``int(roi * (1 - overlap))``)."""
+    return [r - int(r * (1 - o)) for r, o, n in zip(layout.roi, layout.overlap, layout.counts, strict=True) if n > 1]
+
+
+def test_windows_share_a_third_of_the_field_unless_that_doubles_the_work() -> None:
+    """A BraTS-sized scan keeps 32 voxels (a third of 96) between windows; a 512x512x600 scan, whose
+    windows a 2 GiB budget keeps small, would be covered more than twice with 32, so it gets 16."""
+    assert receptive_field(UNET_3D) == 96
+    brats = (240, 240, 155)
+    plan = plan_tiles(brats, UNET_3D, (96, 96, 96), 2 * GiB, 700 * MiB, 3, image_bytes=4 * math.prod(brats))
+    assert min(_shared_voxels(plan.layout)) >= 32
+    assert plan.network_voxels(brats) <= CONTEXT_COVERAGE * math.prod(brats)
+
+    ct = (512, 512, 600)
+    args = (ct, UNET_3D, (96, 96, 96), 2 * GiB, 600 * MiB + 4 * math.prod(ct), 3)
+    plan = plan_tiles(*args, image_bytes=4 * math.prod(ct))
+    wide = _plan_with_context(*args, 32, None, False, None, None, 4 * math.prod(ct), False, True)
+    assert wide.network_voxels(ct) > CONTEXT_COVERAGE * math.prod(ct)
+    assert plan.network_voxels(ct) < wide.network_voxels(ct)
+    assert min(_shared_voxels(plan.layout)) >= 16 and plan.margin == 8
+
+
 def test_a_tight_budget_narrows_the_context_instead_of_refusing() -> None:
-    """Windows that cannot be split far enough to keep 32 voxels of overlap keep 16 or 8 instead."""
-    shape, patch, most = (64, 72, 90), (16, 16, 16), 24**3
-    with pytest.raises(MemoryError):
-        layout_windows(shape, most, patch, 8, 32)
-    layout = _layout_narrowing_context(shape, most, patch, 8, 32)
-    assert layout.window_voxels <= most
-    assert all(r >= p for r, p in zip(layout.roi, patch, strict=True))
-    assert layout == layout_windows(shape, most, patch, 8, 16) or layout == layout_windows(shape, most, patch, 8, 8)
+    """Windows too small to keep 32 or 16 voxels between them keep 8 (one stride)."""
+    shape = (64, 72, 90)
+    args = (shape, UNET_3D, (16, 16, 16), 80 * MiB, 0, 3)
+    for context in (32, 16):
+        with pytest.raises(MemoryError):
+            _plan_with_context(*args, context, None, False, None, None, 0, False, True)
+    plan = plan_tiles(*args)
+    assert plan.layout == _plan_with_context(*args, 8, None, False, None, None, 0, False, True).layout
 
 
 def test_a_2d_network_over_a_volume_tiles_the_plane_only() -> None:
