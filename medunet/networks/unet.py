@@ -281,6 +281,10 @@ def _conv_slabs(conv: nn.Module, inputs: list[torch.Tensor | _Upsampled], rows: 
     return out
 
 
+# oneDNN's convolution, called without PyTorch's choice of kernel (see ``_conv_stride1``)
+_ONEDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None) if torch.backends.mkldnn.is_available() else None
+
+
 def _conv_stride1(x: torch.Tensor, weight: torch.Tensor, padding: list[int]) -> torch.Tensor:
     """A stride-1 convolution without bias. On CPU in float32 it calls oneDNN directly: PyTorch's
     dispatcher sends a one-sample input with few channels and rows (the first convolution's slab of a
@@ -291,9 +295,6 @@ def _conv_stride1(x: torch.Tensor, weight: torch.Tensor, padding: list[int]) -> 
         return _ONEDNN_CONV(x, weight, None, padding, ones, ones, 1)
     run = F.conv3d if x.dim() == 5 else F.conv2d
     return run(x, weight, None, 1, padding)
-
-
-_ONEDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None) if torch.backends.mkldnn.is_available() else None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
