@@ -226,21 +226,37 @@ def _shared_voxels(layout: Layout) -> list[int]:
 
 
 def test_windows_share_a_third_of_the_field_unless_that_doubles_the_work() -> None:
-    """A BraTS-sized scan keeps 32 voxels (a third of 96) between windows; a 512x512x600 scan, whose
-    windows a 2 GiB budget keeps small, would be covered more than twice with 32, so it gets 16."""
-    assert receptive_field(UNET_3D) == 96
+    """With batch norm a BraTS-sized scan keeps 32 voxels (a third of 96) between windows; a 512x512x600
+    scan, whose windows a 2 GiB budget keeps small, would be covered more than twice with 32: 16."""
+    cfg = replace(UNET_3D, norm="batch")
+    assert receptive_field(cfg) == 96
     brats = (240, 240, 155)
-    plan = plan_tiles(brats, UNET_3D, (96, 96, 96), 2 * GiB, 700 * MiB, 3, image_bytes=4 * math.prod(brats))
+    plan = plan_tiles(brats, cfg, (96, 96, 96), 2 * GiB, 700 * MiB, 3, image_bytes=4 * math.prod(brats))
     assert min(_shared_voxels(plan.layout)) >= 32
     assert plan.network_voxels(brats) <= CONTEXT_COVERAGE * math.prod(brats)
 
     ct = (512, 512, 600)
-    args = (ct, UNET_3D, (96, 96, 96), 2 * GiB, 600 * MiB + 4 * math.prod(ct), 3)
+    args = (ct, cfg, (96, 96, 96), 2 * GiB, 600 * MiB + 4 * math.prod(ct), 3)
     plan = plan_tiles(*args, image_bytes=4 * math.prod(ct))
     wide = _plan_with_context(*args, 32, None, False, None, None, 4 * math.prod(ct), False, True)
     assert wide.network_voxels(ct) > CONTEXT_COVERAGE * math.prod(ct)
     assert plan.network_voxels(ct) < wide.network_voxels(ct)
     assert min(_shared_voxels(plan.layout)) >= 16 and plan.margin == 8
+
+
+def test_instance_norm_keeps_fewer_larger_windows() -> None:
+    """A network whose output depends on its window's statistics keeps a sixth of the field (16 voxels):
+    on the hippocampus mosaic's shape, 4 windows where the same network with batch norm buys a third
+    with 8."""
+    shape = (240, 224, 160)
+    counts = {}
+    for norm, context in (("instance", 16), ("batch", 32)):
+        args = (shape, replace(UNET_3D, norm=norm), (96, 96, 96), 2 * GiB, 640 * MiB, 3)
+        plan = plan_tiles(*args, image_bytes=4 * math.prod(shape))
+        expected = _plan_with_context(*args, context, None, False, None, None, 4 * math.prod(shape), False, True)
+        assert plan.layout == expected.layout
+        counts[norm] = math.prod(plan.layout.counts)
+    assert counts == {"instance": 4, "batch": 8}
 
 
 def test_a_tight_budget_narrows_the_context_instead_of_refusing() -> None:
