@@ -348,6 +348,7 @@ def plan_tiles(
     image_bytes: int = 0,
     slice_wise: bool = False,
     half_allowed: bool = True,
+    context: int | None = None,
 ) -> TilePlan:
     """Choose windows and slabs so that ``committed`` bytes (the process and its loaded image, mask and
     probabilities) plus the blending buffers and one window's activations stay within ``budget``.
@@ -361,61 +362,27 @@ def plan_tiles(
     separately when they live on a GPU; the blending buffers stay there only if they are small
     beside it. ``roi`` and ``overlap`` (a fraction, as MONAI's) override the automatic choice.
 
-    Neighbouring windows (and slabs) share a context as ``CONTEXT_COVERAGE`` says; a budget too tight
-    to split the windows that far narrows it further (down to one stride) rather than refusing.
+    ``context``: voxels neighbouring windows (and slabs) share; by default as ``CONTEXT_COVERAGE``
+    says, and narrower (down to one stride) where a budget is too tight to split the windows that far.
     """
-    multiple = 2 ** (len(cfg.features) - 1)
-    field = receptive_field(cfg)
-    cheaper = multiple * max(1, math.ceil(field / (6 * multiple)))
-    window_statistics = cfg.norm in ("instance", "group")
-    context = cheaper if window_statistics else multiple * max(1, math.ceil(field / (3 * multiple)))
-    while True:
-        narrower = multiple * max(1, context // multiple // 2) if context > multiple else None
-        try:
-            plan = _plan_with_context(
-                shape,
-                cfg,
-                patch,
-                budget,
-                committed,
-                num_classes,
-                context,
-                window_device_budget,
-                half_precision,
-                roi,
-                overlap,
-                image_bytes,
-                slice_wise,
-                half_allowed,
-            )
-        except MemoryError:
-            if narrower is None:
-                raise
-            context = narrower
-            continue
-        costly = plan.network_voxels(shape) > CONTEXT_COVERAGE * math.prod(shape)
-        if roi is not None or not costly or context <= cheaper:
-            return plan
-        context = cheaper
-
-
-def _plan_with_context(
-    shape: Sequence[int],
-    cfg: NetworkConfig,
-    patch: Sequence[int],
-    budget: int,
-    committed: int,
-    num_classes: int,
-    context: int,
-    window_device_budget: int | None,
-    half_precision: bool,
-    roi: Sequence[int] | None,
-    overlap: float | None,
-    image_bytes: int,
-    slice_wise: bool,
-    half_allowed: bool,
-) -> TilePlan:
-    """``plan_tiles`` with windows (and slabs) sharing ``context`` voxels."""
+    if context is None:
+        plan_with = functools.partial(
+            plan_tiles,
+            shape,
+            cfg,
+            patch,
+            budget,
+            committed,
+            num_classes,
+            window_device_budget=window_device_budget,
+            half_precision=half_precision,
+            roi=roi,
+            overlap=overlap,
+            image_bytes=image_bytes,
+            slice_wise=slice_wise,
+            half_allowed=half_allowed,
+        )
+        return _plan_choosing_context(plan_with, cfg, shape, fixed_windows=roi is not None)
     multiple = 2 ** (len(cfg.features) - 1)
     per_window_voxel = window_bytes_per_voxel(cfg, half_precision)
     window_dims = len(shape) - 1 if slice_wise else len(shape)
@@ -478,3 +445,26 @@ def _plan_with_context(
         batch = max(1, min(16, max_voxels // max(layout.window_voxels, 1), slab_shape[-1]))
         layout = Layout((*layout.roi, slab_shape[-1]), (*layout.overlap, 0.0), (*layout.counts, 1))
     return TilePlan(slab, margin, layout, batch, budget, window_budget, half_blend, blend_on_device, slice_wise)
+
+
+def _plan_choosing_context(
+    plan_with: Callable[..., TilePlan], cfg: NetworkConfig, shape: Sequence[int], fixed_windows: bool
+) -> TilePlan:
+    """``plan_with(context=...)`` at the context ``CONTEXT_COVERAGE`` describes."""
+    multiple = 2 ** (len(cfg.features) - 1)
+    field = receptive_field(cfg)
+    cheaper = multiple * max(1, math.ceil(field / (6 * multiple)))
+    window_statistics = cfg.norm in ("instance", "group")
+    context = cheaper if window_statistics else multiple * max(1, math.ceil(field / (3 * multiple)))
+    while True:
+        try:
+            plan: TilePlan = plan_with(context=context)
+        except MemoryError:
+            if context <= multiple:
+                raise
+            context = multiple * max(1, context // multiple // 2)
+            continue
+        costly = plan.network_voxels(shape) > CONTEXT_COVERAGE * math.prod(shape)
+        if fixed_windows or not costly or context <= cheaper:
+            return plan
+        context = cheaper

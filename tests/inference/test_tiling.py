@@ -25,7 +25,6 @@ from medunet.inference.tiling import (
     MiB,
     _malloc_trim,
     _mallopt,
-    _plan_with_context,
     blend_bytes_per_voxel,
     layout_windows,
     parse_memory,
@@ -173,6 +172,13 @@ def test_peak_memory_stays_under_budget(tiny_model: Path, tmp_path: Path) -> Non
     assert nib.load(tmp_path / "m.nii.gz").shape == shape
 
 
+def _numbers_printed_by(code: str) -> list[int]:
+    """Run ``code`` in a fresh Python (a heap of its own) and read the integers it prints."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [int(v) for v in proc.stdout.split()]
+
+
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from Linux /proc")
 @pytest.mark.skipif(_malloc_trim() is None, reason="glibc's malloc_trim is not in this C library")
 def test_memory_a_previous_scan_freed_is_not_counted_as_taken() -> None:
@@ -189,9 +195,7 @@ def test_memory_a_previous_scan_freed_is_not_counted_as_taken() -> None:
         "assert all(float(t[-1]) == 1.0 for t in tensors)\n"
         "print(held // MiB, (resident_memory() - before) // MiB)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    held, after = map(int, proc.stdout.split())
+    held, after = _numbers_printed_by(code)
     assert held >= 390, "the freed tensors were handed back without a trim; the test no longer shows anything"
     assert after <= 230, f"{after} MiB still resident for 200 MiB of live tensors"
 
@@ -212,9 +216,7 @@ def test_freed_pages_stay_while_windows_run_and_go_back_after() -> None:
         "big = torch.ones(64 * MiB); del big\n"
         "print(kept // MiB, after // MiB, (resident_memory() - before) // MiB)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    kept, after, later = map(int, proc.stdout.split())
+    kept, after, later = _numbers_printed_by(code)
     assert kept >= 250, f"only {kept} MiB of a freed 256 MiB map stayed"
     assert after <= 16, f"{after} MiB still held after the context"
     assert later <= 16, f"{later} MiB held after a large block freed outside the context: the threshold stayed up"
@@ -238,7 +240,7 @@ def test_windows_share_a_third_of_the_field_unless_that_doubles_the_work() -> No
     ct = (512, 512, 600)
     args = (ct, cfg, (96, 96, 96), 2 * GiB, 600 * MiB + 4 * math.prod(ct), 3)
     plan = plan_tiles(*args, image_bytes=4 * math.prod(ct))
-    wide = _plan_with_context(*args, 32, None, False, None, None, 4 * math.prod(ct), False, True)
+    wide = plan_tiles(*args, image_bytes=4 * math.prod(ct), context=32)
     assert wide.network_voxels(ct) > CONTEXT_COVERAGE * math.prod(ct)
     assert plan.network_voxels(ct) < wide.network_voxels(ct)
     assert min(_shared_voxels(plan.layout)) >= 16 and plan.margin == 8
@@ -253,7 +255,7 @@ def test_instance_norm_keeps_fewer_larger_windows() -> None:
     for norm, context in (("instance", 16), ("batch", 32)):
         args = (shape, replace(UNET_3D, norm=norm), (96, 96, 96), 2 * GiB, 640 * MiB, 3)
         plan = plan_tiles(*args, image_bytes=4 * math.prod(shape))
-        expected = _plan_with_context(*args, context, None, False, None, None, 4 * math.prod(shape), False, True)
+        expected = plan_tiles(*args, image_bytes=4 * math.prod(shape), context=context)
         assert plan.layout == expected.layout
         counts[norm] = math.prod(plan.layout.counts)
     assert counts == {"instance": 4, "batch": 8}
@@ -265,9 +267,9 @@ def test_a_tight_budget_narrows_the_context_instead_of_refusing() -> None:
     args = (shape, UNET_3D, (16, 16, 16), 80 * MiB, 0, 3)
     for context in (32, 16):
         with pytest.raises(MemoryError):
-            _plan_with_context(*args, context, None, False, None, None, 0, False, True)
+            plan_tiles(*args, context=context)
     plan = plan_tiles(*args)
-    assert plan.layout == _plan_with_context(*args, 8, None, False, None, None, 0, False, True).layout
+    assert plan.layout == plan_tiles(*args, context=8).layout
 
 
 def test_a_2d_network_over_a_volume_tiles_the_plane_only() -> None:
