@@ -208,7 +208,7 @@ def main() -> None:
     mems_stock: list[PeakMemory] = []
     mems_ours: list[PeakMemory] = []
     floor = None
-    for trial in range(args.repeat):
+    for _ in range(args.repeat):
         gc.collect()
         with PeakMemory() as mem:
             start = time.perf_counter()
