@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--max-memory", default=None, help="medunet's budget, e.g. 6GB (default: medunet's default)")
     parser.add_argument(
         "--overlap", type=float, default=None, help="medunet's window overlap fraction, as `medunet infer "
-        "--overlap` (default: a third of the network's receptive field)"
+        "--overlap` (default: as `medunet infer`)"
     )  # fmt: skip
     parser.add_argument(
         "--floor", action="store_true", help="also run the stock recipe with 112^3 windows: how much masks move "
@@ -152,6 +152,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat needs at least one round")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

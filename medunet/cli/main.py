@@ -222,7 +222,8 @@ def infer(
             min=0.0,
             max=0.95,
             help="Least overlap of neighbouring windows, a fraction of a window; the plan may grow its windows "
-            "to keep it (default: a third of the network's receptive field; 0.5 with --roi).",
+            "to keep it (default: a third of the network's receptive field, a sixth for instance- or "
+            "group-norm networks or where small windows would cover the image twice; 0.5 with --roi).",
         ),
     ] = None,
     stats: Annotated[Path | None, typer.Option(help="CSV of voxel count and volume (ml) per scan and label.")] = None,
