@@ -20,6 +20,7 @@ import yaml
 class Normalization(StrEnum):
     ZSCORE = "zscore"  # MR: zero mean, unit variance (inside the non-zero region when `nonzero`)
     CT = "ct"  # CT: clip to a HU window, scale to [0, 1]
+    CT_ZSCORE = "ct_zscore"  # CT: clip to ``ct_window`` (foreground percentiles), z-score with ``ct_stats``
     PERCENTILE = "percentile"  # clip to the 0.5/99.5 percentiles, scale to [0, 1] (EM, photos)
     NONE = "none"
 
@@ -42,6 +43,11 @@ class NetworkConfig:
     dropout: float = 0.0
     deep_supervision: bool = False
     deep_supervision_levels: int = 2
+    # Per level, per axis: the first level's stride is all 1; None means 2 (strides) and 3 (kernels) on
+    # every axis, today's isotropic network. Anisotropic data pools a thick axis later or never, and
+    # convolves along it with kernel 1 while it is much coarser than the others.
+    strides: tuple[tuple[int, ...], ...] | None = None
+    kernel_sizes: tuple[tuple[int, ...], ...] | None = None
     ensemble: int = 1  # >1: that many trained copies (cross-validation folds), probabilities averaged
 
 
@@ -57,6 +63,7 @@ class PreprocessConfig:
     normalization: Normalization = Normalization.ZSCORE
     nonzero: bool = False
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    ct_stats: tuple[float, float] = (0.0, 1.0)  # foreground mean and std of the dataset (ct_zscore)
     patch_size: tuple[int, ...] = (48, 64, 48)
     label_map: tuple[tuple[int, int], ...] = ()  # (value in file, class index) pairs, e.g. EM 255 -> 0
 
@@ -73,6 +80,7 @@ class AugmentConfig:
     flip_axes: tuple[int, ...] = ()
     rotate_prob: float = 0.2
     rotate_range: float = 0.26  # radians, each axis
+    rotate_in_plane: bool = False  # 3D: rotate about the last axis only (thick slices)
     scale_range: float = 0.15
     elastic_prob: float = 0.0
     intensity_prob: float = 0.3
@@ -85,6 +93,7 @@ class DataConfig:
     folds: int = 5
     fold: int | None = None  # None: a single split with `val_fraction`
     split_seed: int = 0
+    fingerprint: Path | None = None  # the dataset's fingerprint.json (medunet plan), kept in every checkpoint
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     manifest = cfg.data.manifest
     if not manifest.is_absolute():
         manifest = (path.parent / manifest).resolve()
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest))
+    fingerprint = cfg.data.fingerprint
+    if fingerprint is not None and not fingerprint.is_absolute():
+        fingerprint = (path.parent / fingerprint).resolve()
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest, fingerprint=fingerprint))
 
 
 def to_dict(cfg: Any) -> Any:

@@ -91,8 +91,20 @@ def _run(fn: Callable[[], T]) -> T:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML (see configs/).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder for checkpoints and logs.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Experiment YAML (see configs/, or a `medunet plan`).")
+    ] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Plan this dataset (nnU-Net raw, Decathlon, images/+labels/, manifest CSV) and train it."),
+    ] = None,
+    time_budget: Annotated[
+        str | None, typer.Option(help="With --dataset: minutes of training to plan for, e.g. 30m, 2h (default 30m).")
+    ] = None,
+    patient_regex: Annotated[
+        str | None, typer.Option(help="With --dataset: a regex whose first group is the patient id of a case.")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
     folds: Annotated[
         int | None, typer.Option(help="Cross-validate: train all K patient-wise folds into OUTPUT/fold_k.")
@@ -130,6 +142,14 @@ def train(
         from medunet.training.crossval import cross_validate, format_summary
         from medunet.training.distributed import close_world
 
+        if (config is None) == (dataset is None):
+            raise ValueError("give one of --config (a config or plan YAML) and --dataset (a dataset to plan)")
+        if dataset is None and (time_budget or patient_regex):
+            raise ValueError("--time-budget and --patient-regex plan a --dataset; edit the config instead")
+        config_path = config
+        if dataset is not None:
+            config_path = _plan_for_training(dataset, output, time_budget, patient_regex, device, resume, quiet)
+        assert config_path is not None
         overrides = {}
         for item in set_ or []:
             key, sep, value = item.partition("=")
@@ -142,7 +162,7 @@ def train(
             overrides["data.fold"] = fold
         if folds is not None:
             overrides["data.folds"] = folds
-        cfg = load_config(config, overrides)
+        cfg = load_config(config_path, overrides)
         if register and no_tracking:
             raise ValueError("--register needs tracking; drop --no-tracking")
         if register and folds is not None and fold is None:
@@ -188,6 +208,93 @@ def train(
                 f"best mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "
                 f"{result.epochs_run} epochs in {result.seconds / 60:.1f} min; model: {result.best_checkpoint}"
             )
+
+    _run(body)
+
+
+def parse_minutes(text: str) -> float:
+    """``"30m"``, ``"2h"``, ``"90s"``, ``"1h30m"`` or ``"45"`` (minutes) -> minutes."""
+    import re
+
+    parts = re.findall(r"([0-9]*\.?[0-9]+)\s*([hms]?)", text.strip().lower())
+    if not parts or re.sub(r"[0-9.\shms]", "", text.lower()):
+        raise ValueError(f"cannot read {text!r} as a time budget; write e.g. 30m, 2h or 1h30m")
+    scale = {"h": 60.0, "m": 1.0, "s": 1 / 60, "": 1.0}
+    minutes = sum(float(v) * scale[u] for v, u in parts)
+    if minutes <= 0:
+        raise ValueError(f"time budget {text!r} must be positive")
+    return minutes
+
+
+def _plan_for_training(
+    dataset: Path, output: Path, budget: str | None, patient_regex: str | None, device: str, resume: bool, quiet: bool
+) -> Path:
+    """``OUTPUT/plan.yaml`` for ``dataset``: planned now, or the existing one when resuming."""
+    from medunet.planning import PlanRequest, plan_dataset
+    from medunet.planning.plan import DEFAULT_BUDGET_MINUTES
+    from medunet.training.distributed import current_world
+
+    path = output / "plan.yaml"
+    if resume and path.is_file():
+        return path
+    if current_world().distributed:
+        raise ValueError(
+            "under torchrun, plan first (medunet plan DATASET -o plan.yaml), then train --config plan.yaml"
+        )
+    minutes = parse_minutes(budget) if budget else DEFAULT_BUDGET_MINUTES
+    kind = "cuda" if device.startswith("cuda") or (device == "auto" and _cuda()) else "cpu"
+    plan = plan_dataset(PlanRequest(dataset, path, patient_regex, minutes, kind, progress=not quiet))
+    if not quiet:
+        print(_plan_summary(plan))
+    return path
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _plan_summary(plan) -> str:  # type: ignore[no-untyped-def]
+    from medunet.config import to_dict
+
+    raw = to_dict(plan.config)
+    lines = [*plan.notes]
+    for key, why in plan.reasons.items():
+        section, _, name = key.partition(".")
+        lines.append(f"{key} = {raw[section][name]}: {why}")
+    if plan.config_path is not None:
+        lines.append(f"plan: {plan.config_path}")
+    return "\n".join(lines)
+
+
+@app.command()
+def plan(
+    dataset: Annotated[
+        Path, typer.Argument(help="Dataset: nnU-Net v2 raw, Decathlon, images/ + labels/ folders, or a manifest CSV.")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The plan's YAML (manifest and fingerprint beside it).")
+    ],
+    time_budget: Annotated[str, typer.Option(help="Training time to plan for, e.g. 30m, 2h.")] = "30m",
+    patient_regex: Annotated[
+        str | None, typer.Option(help="A regex whose first group is the patient id of a case name.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="Plan for cpu or cuda training (auto: cuda when present).")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Processes that read the cases (default: every core).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Check and fingerprint a dataset and write a training plan: a config whose every value says why it was chosen."""
+    _setup_logging(quiet)
+
+    def body() -> None:
+        from medunet.planning import PlanRequest, plan_dataset
+
+        kind = "cuda" if device.startswith("cuda") or (device == "auto" and _cuda()) else "cpu"
+        result = plan_dataset(
+            PlanRequest(dataset, output, patient_regex, parse_minutes(time_budget), kind, workers, not quiet)
+        )
+        print(_plan_summary(result))
 
     _run(body)
 

@@ -308,7 +308,12 @@ def segment(
     else:
         dims = model.preprocess.spatial_dims
         paths = [Path(image)] if isinstance(image, str | Path) else list(image)
-        loaded = load_image(paths, spatial_dims=(2, 3) if dims == 2 else dims, series=series)
+        loaded = load_image(
+            paths,
+            spatial_dims=(2, 3) if dims == 2 else dims,
+            series=series,
+            channels_in_file=len(model.preprocess.channels),
+        )
         scan = loaded[0].numpy().copy() if keep_scan else None
         prep = prepare(loaded, model, own=True)
         del loaded

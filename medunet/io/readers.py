@@ -111,24 +111,22 @@ def load_image(
     paths: str | Path | Sequence[str | Path],
     spatial_dims: int | tuple[int, ...] | None = None,
     series: str | None = None,
+    channels_in_file: int = 1,
 ) -> MetaTensor:
     """Read one image (one file per channel) as a channel-first ``MetaTensor`` ``(C, *S)``.
+
+    ``channels_in_file > 1``: a single file whose last axis holds that many channels (the Medical
+    Segmentation Decathlon's 4D images) is read as those channels.
 
     Raises ``InputError`` naming the file for a missing or unreadable file and for an image whose
     dimensionality is not ``spatial_dims``.
     """
     files = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    if channels_in_file > 1 and len(files) == 1:
+        return _load_channels_in_file(files[0], spatial_dims, channels_in_file)
     channels = []
     for path in files:
-        if not path.exists():
-            raise InputError(path, "no such file or folder")
-        reader = choose_reader(path, series)
-        try:
-            img = LoadImage(reader=reader, image_only=True, ensure_channel_first=False)(str(path))
-        except InputError:
-            raise
-        except Exception as exc:  # readers raise many types; the user needs the file and the reason
-            raise InputError(path, f"cannot be read as an image ({root_cause(exc)})") from None
+        img = _read(path, series)
         img = _squeeze_to(img, path, spatial_dims)
         channels.append(img)
     first = channels[0]
@@ -141,6 +139,32 @@ def load_image(
     data = (tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)).float()  # one channel: no copy
     out = MetaTensor(data, affine=first.affine, meta=dict(first.meta))
     out.meta["filename_or_obj"] = str(files[0])
+    return out
+
+
+def _read(path: Path, series: str | None = None) -> MetaTensor:
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    reader = choose_reader(path, series)
+    try:
+        img = LoadImage(reader=reader, image_only=True, ensure_channel_first=False)(str(path))
+    except InputError:
+        raise
+    except Exception as exc:  # readers raise many types; the user needs the file and the reason
+        raise InputError(path, f"cannot be read as an image ({root_cause(exc)})") from None
+    return img
+
+
+def _load_channels_in_file(path: Path, spatial_dims: int | tuple[int, ...] | None, count: int) -> MetaTensor:
+    img = _read(path)
+    dims = max((spatial_dims,) if isinstance(spatial_dims, int) else (spatial_dims or (img.ndim - 1,)))
+    if img.ndim != dims + 1 or img.shape[-1] != count:
+        raise InputError(
+            path, f"expected {count} channels on the last axis of a {dims + 1}D image, got {tuple(img.shape)}"
+        )
+    data = torch.movedim(img.as_tensor(), -1, 0).float().contiguous()
+    out = MetaTensor(data, affine=img.affine, meta=dict(img.meta))
+    out.meta["filename_or_obj"] = str(path)
     return out
 
 

@@ -80,23 +80,34 @@ def make_act(kind: Act) -> nn.Module:
 
 
 class ConvBlock(nn.Sequential):
-    """Two (conv 3x3 -> norm -> activation) layers; the first may stride to downsample.
+    """Two (conv k -> norm -> activation) layers; the first may stride to downsample. ``kernel`` and
+    ``stride`` are per axis (or one value for all), kernels odd with 'same' padding.
 
     ``(B, C_in, *S) -> (B, C_out, *S / stride)``
     """
 
     def __init__(
-        self, ops: Ops, c_in: int, c_out: int, norm: Norm, act: Act, stride: int = 1, dropout: float = 0.0
+        self,
+        ops: Ops,
+        c_in: int,
+        c_out: int,
+        norm: Norm,
+        act: Act,
+        stride: int | tuple[int, ...] = 1,
+        dropout: float = 0.0,
+        kernel: int | tuple[int, ...] = 3,
     ) -> None:
+        k = (kernel,) * ops.spatial_dims if isinstance(kernel, int) else tuple(kernel)
+        pad = tuple(v // 2 for v in k)
         layers: list[nn.Module] = [
-            ops.conv(c_in, c_out, 3, stride=stride, padding=1, bias=norm is Norm.NONE),
+            ops.conv(c_in, c_out, k, stride=stride, padding=pad, bias=norm is Norm.NONE),
             ops.norm(norm, c_out),
             make_act(act),
         ]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         layers += [
-            ops.conv(c_out, c_out, 3, padding=1, bias=norm is Norm.NONE),
+            ops.conv(c_out, c_out, k, padding=pad, bias=norm is Norm.NONE),
             ops.norm(norm, c_out),
             make_act(act),
         ]
@@ -104,20 +115,23 @@ class ConvBlock(nn.Sequential):
 
 
 class UpBlock(nn.Module):
-    """Doubles the resolution and halves (or sets) the channels: ``(B, C_in, *S) -> (B, C_out, *2S)``."""
+    """Multiplies the resolution by ``scale`` (per axis, default 2) and sets the channels:
+    ``(B, C_in, *S) -> (B, C_out, *S * scale)``."""
 
-    def __init__(self, ops: Ops, c_in: int, c_out: int, mode: Upsample) -> None:
+    def __init__(self, ops: Ops, c_in: int, c_out: int, mode: Upsample, scale: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.mode = mode
         self.interp_mode = ops.interp_mode
+        self.scale = tuple(scale) if scale is not None else (2,) * ops.spatial_dims
+        self.scale_factor = [float(s) for s in self.scale]
         if mode is Upsample.TRANSPOSE:
-            self.proj = ops.conv_transpose(c_in, c_out, 2, stride=2)
+            self.proj = ops.conv_transpose(c_in, c_out, self.scale, stride=self.scale)
         else:
             self.proj = ops.conv(c_in, c_out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is Upsample.INTERPOLATE:
-            x = nn.functional.interpolate(x, scale_factor=2.0, mode=self.interp_mode, align_corners=False)
+            x = nn.functional.interpolate(x, scale_factor=self.scale_factor, mode=self.interp_mode, align_corners=False)
         return self.proj(x)
 
 

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from medunet.config import NetworkConfig
 from medunet.networks.blocks import Act, AttentionGate, ConvBlock, Downsample, Norm, Ops, PassSkip, UpBlock, Upsample
+from medunet.networks.topology import level_kernels, level_strides, total_stride
 
 
 class UNet(nn.Module):
@@ -42,17 +43,18 @@ class UNet(nn.Module):
         self.spatial_dims = cfg.spatial_dims
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.out_channels
-        self.stride = 2 ** (len(feats) - 1)
+        strides, kernels = level_strides(cfg), level_kernels(cfg)
+        self.stride = list(total_stride(cfg))  # per axis
         self.deep_supervision = cfg.deep_supervision
         self.interp_mode = ops.interp_mode
 
         self.encoder = nn.ModuleList()
         for level, c_out in enumerate(feats):
             c_in = cfg.in_channels if level == 0 else feats[level - 1]
-            stride = 2 if (level > 0 and down is Downsample.CONV) else 1
-            block = ConvBlock(ops, c_in, c_out, norm, act, stride=stride, dropout=cfg.dropout)
+            stride = strides[level] if down is Downsample.CONV else (1,) * cfg.spatial_dims
+            block = ConvBlock(ops, c_in, c_out, norm, act, stride=stride, dropout=cfg.dropout, kernel=kernels[level])
             if level > 0 and down is Downsample.MAXPOOL:
-                self.encoder.append(nn.Sequential(ops.maxpool(2), block))
+                self.encoder.append(nn.Sequential(ops.maxpool(strides[level]), block))
             else:
                 self.encoder.append(block)
 
@@ -64,12 +66,12 @@ class UNet(nn.Module):
         self.aux_heads = nn.ModuleList()  # one per decoder level; a conv only where deep supervision reads it
         for i, level in enumerate(range(len(feats) - 2, -1, -1)):
             c_skip, c_deep = feats[level], feats[level + 1]
-            self.ups.append(UpBlock(ops, c_deep, c_skip, up))
+            self.ups.append(UpBlock(ops, c_deep, c_skip, up, scale=strides[level + 1]))
             if self.use_attention:
                 self.gates.append(AttentionGate(ops, c_skip, c_skip, max(c_skip // 2, 1), norm))
             else:
                 self.gates.append(PassSkip())
-            self.decoder.append(ConvBlock(ops, 2 * c_skip, c_skip, norm, act))
+            self.decoder.append(ConvBlock(ops, 2 * c_skip, c_skip, norm, act, kernel=kernels[level]))
             is_aux = n_decoder - 1 - self.n_aux <= i < n_decoder - 1
             self.aux_heads.append(ops.conv(c_skip, cfg.out_channels, 1) if is_aux else nn.Identity())
         self.head = ops.conv(feats[0], cfg.out_channels, 1)
@@ -144,8 +146,8 @@ class UNet(nn.Module):
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         pad: list[int] = []
-        for s in x.shape[2:][::-1]:
-            pad += [0, (self.stride - s % self.stride) % self.stride]
+        for s, m in zip(x.shape[2:][::-1], self.stride[::-1]):  # noqa: B905 (TorchScript)
+            pad += [0, (m - s % m) % m]
         if sum(pad) == 0:
             return x
         return nn.functional.pad(x, pad)
@@ -212,9 +214,10 @@ def _lean_block(block: nn.Module, inputs: list[torch.Tensor | _Upsampled], rows:
 
 @dataclass(frozen=True)
 class _Upsampled:
-    """The full-resolution output of a 2x2 stride-2 transposed convolution of ``low``, never held
-    whole: output rows ``2i`` and ``2i + 1`` come from input row ``i`` alone, so any slab of rows is
-    computed from its share of ``low`` when a convolution reads it."""
+    """The full-resolution output of a transposed convolution of ``low`` whose kernel equals its
+    stride ``f`` (along the first axis), never held whole: output rows ``f i`` to ``f i + f - 1`` come
+    from input row ``i`` alone, so any slab of rows is computed from its share of ``low`` when a
+    convolution reads it."""
 
     proj: nn.ConvTranspose2d | nn.ConvTranspose3d
     low: torch.Tensor
@@ -222,7 +225,7 @@ class _Upsampled:
     @staticmethod
     def of(up: nn.Module, low: torch.Tensor) -> _Upsampled | torch.Tensor:
         proj = getattr(up, "proj", None)
-        if isinstance(up, UpBlock) and isinstance(proj, nn.ConvTranspose2d | nn.ConvTranspose3d):  # kernel 2, stride 2
+        if isinstance(up, UpBlock) and isinstance(proj, nn.ConvTranspose2d | nn.ConvTranspose3d):  # kernel = stride
             return _Upsampled(proj, low)
         return up(low)  # interpolation needs neighbouring rows: computed whole
 
@@ -231,9 +234,10 @@ class _Upsampled:
         return self.proj.out_channels
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
-        first = lo // 2
-        y = self.proj(self.low[:, :, first : (hi + 1) // 2])
-        return y[:, :, lo - 2 * first : hi - 2 * first]
+        f = int(self.proj.stride[0])
+        first = lo // f
+        y = self.proj(self.low[:, :, first : (hi + f - 1) // f])
+        return y[:, :, lo - f * first : hi - f * first]
 
 
 def _slabs(n: int, rows: int) -> list[tuple[int, int]]:

@@ -239,7 +239,7 @@ def make_pictures(cfg: ExperimentConfig, run_dir: Path, out: Path, n_cases: int 
     for case_id in val_ids:
         case = cases[case_id]
         dims = 3 if case.slice_index is not None else cfg.preprocess.spatial_dims
-        image = load_image(list(case.images), spatial_dims=dims)
+        image = load_image(list(case.images), spatial_dims=dims, channels_in_file=len(cfg.preprocess.channels))
         seg = segment(image, model)
         written.append(
             qc_picture(

@@ -107,8 +107,12 @@ def infer_settings(cfg: ExperimentConfig) -> InferConfig:
 
 
 def model_payload(cfg: ExperimentConfig, model: nn.Module) -> dict[str, Any]:
-    """What inference needs and nothing else: network, preprocessing, labels, window and weights."""
+    """What inference needs and nothing else: network, preprocessing, labels, window and weights, and
+    the training data's fingerprint (JSON text) when the run was planned from a dataset."""
+    fingerprint = cfg.data.fingerprint
+    extra = {"fingerprint": fingerprint.read_text()} if fingerprint is not None and fingerprint.is_file() else {}
     return {
+        **extra,
         "format": CHECKPOINT_FORMAT,
         "network": to_dict(cfg.network),
         "preprocess": to_dict(cfg.preprocess),

@@ -44,14 +44,15 @@ class LoadCased(MapTransform):
     are taken later by ``TakeSliced``, after the volume has been oriented and normalized).
     """
 
-    def __init__(self, spatial_dims: int, label_map: tuple[tuple[int, int], ...] = ()) -> None:
+    def __init__(self, spatial_dims: int, label_map: tuple[tuple[int, int], ...] = (), channels: int = 1) -> None:
         super().__init__(keys=["image", "label"], allow_missing_keys=True)
         self.spatial_dims = spatial_dims
         self.label_map = dict(label_map)
+        self.channels = channels  # a single image file holding more channels keeps them on its last axis
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        d["image"] = load_image(d["image"], spatial_dims=self.spatial_dims)
+        d["image"] = load_image(d["image"], spatial_dims=self.spatial_dims, channels_in_file=self.channels)
         if "label" in d:
             label = load_image(d["label"], spatial_dims=self.spatial_dims)
             check_same_geometry(d["image"], label, str(d["label"]))

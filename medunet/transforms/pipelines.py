@@ -41,6 +41,8 @@ def normalization(cfg: PreprocessConfig, key: str = "image") -> list[Transform]:
     if cfg.normalization is Normalization.CT:
         lo, hi = cfg.ct_window
         return [ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
+    if cfg.normalization is Normalization.CT_ZSCORE:
+        return [InPlaceIntensityd(cfg, key)]
     if cfg.normalization is Normalization.PERCENTILE:
         return [
             ScaleIntensityRangePercentilesd(
@@ -72,6 +74,10 @@ class InPlaceIntensityd(MapTransform):
                     mean = torch.mean(channel).item()
                     std = torch.std(channel, unbiased=False).item()
                     channel.sub_(mean).div_(std if std != 0.0 else 1.0)
+            elif self.cfg.normalization is Normalization.CT_ZSCORE:
+                lo, hi = self.cfg.ct_window
+                mean, std = self.cfg.ct_stats
+                img.clamp_(lo, hi).sub_(mean).div_(std if std > 0 else 1.0)
             else:  # CT window to [0, 1]
                 lo, hi = self.cfg.ct_window
                 img.sub_(lo).div_(hi - lo).mul_(1.0).add_(0.0).clamp_(0.0, 1.0)
@@ -81,7 +87,9 @@ class InPlaceIntensityd(MapTransform):
 
 def inference_normalization(cfg: PreprocessConfig) -> list[Transform]:
     """Normalization for inference: in place where it can be (see ``InPlaceIntensityd``)."""
-    in_place = cfg.normalization is Normalization.CT or (cfg.normalization is Normalization.ZSCORE and not cfg.nonzero)
+    in_place = cfg.normalization in (Normalization.CT, Normalization.CT_ZSCORE) or (
+        cfg.normalization is Normalization.ZSCORE and not cfg.nonzero
+    )
     return [InPlaceIntensityd(cfg)] if in_place else normalization(cfg)
 
 
@@ -115,7 +123,7 @@ def preprocess_transform(cfg: PreprocessConfig, pad_to_patch: bool, volume_dims:
     """
     dims = volume_dims or cfg.spatial_dims
     steps: list[Transform] = [
-        LoadCased(dims, cfg.label_map),
+        LoadCased(dims, cfg.label_map, channels=len(cfg.channels)),
         *spatial_preprocess(cfg, ("image", "label"), dims),
         *normalization(cfg),
         TakeSliced(),
@@ -142,7 +150,9 @@ def augment_transform(pre: PreprocessConfig, aug: AugmentConfig) -> Compose:
         )
     ]
     if aug.rotate_prob > 0 or aug.scale_range > 0:
-        rot = (aug.rotate_range,) * (1 if dims == 2 else 3)
+        rot: tuple[float, ...] = (aug.rotate_range,) * (1 if dims == 2 else 3)
+        if dims == 3 and aug.rotate_in_plane:
+            rot = (0.0, 0.0, aug.rotate_range)
         steps.append(
             RandAffined(
                 keys=keys,

@@ -1,0 +1,388 @@
+"""The self-configured plan: a dataset's fingerprint and a time budget in, a medunet config out.
+
+``plan_dataset`` reads the dataset (any layout of ``medunet.data.layouts``), checks and fingerprints
+it, applies the rules of ``medunet.planning.rules`` and writes three files side by side: the config
+(YAML, every choice with its reason as a comment), the manifest it trains from, and the fingerprint.
+The config is an ordinary medunet config: edit it and train it with ``medunet train --config``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medunet.config import (
+    AugmentConfig,
+    DataConfig,
+    ExperimentConfig,
+    InferConfig,
+    NetworkConfig,
+    Normalization,
+    PreprocessConfig,
+    TrainConfig,
+    to_dict,
+)
+from medunet.data.layouts import Dataset, read_dataset
+from medunet.io.writers import write_text
+from medunet.planning import rules
+from medunet.planning.fingerprint import fingerprint_dataset, median_shape, median_spacing
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET_MINUTES = 30.0
+# Samples (2D slices or 3D patches) a run must see for the patch to stay at the median image size;
+# a budget that affords fewer shrinks the patch (measured here: the hand-written hippocampus config
+# reaches its Dice after about 2,200 3D patches, a 2D cardiac U-Net needs over 15,000 slices).
+MIN_SAMPLES = {2: 16_000, 3: 2_000}
+BATCH = {("cpu", 2): 16, ("cpu", 3): 2, ("cuda", 2): 12, ("cuda", 3): 2}
+BASE_FEATURES = {"cpu": 16, "cuda": 32}
+MAX_FEATURES = {2: 256, 3: 256}
+VALIDATION_SHARE = 0.15  # validate often enough to pick the best epoch, but in at most this share of the time
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    dataset: Path
+    output: Path  # the plan's YAML; the manifest and fingerprint go beside it
+    patient_regex: str | None = None
+    time_budget_minutes: float = DEFAULT_BUDGET_MINUTES
+    device: str = "cpu"
+    workers: int | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: ExperimentConfig
+    reasons: dict[str, str]  # dotted config key -> why
+    notes: list[str] = field(default_factory=list)  # dataset-level remarks (grouping, warnings)
+    config_path: Path | None = None
+
+
+def plan_dataset(req: PlanRequest) -> Plan:
+    """Read, check and fingerprint ``req.dataset``, plan it and write the plan (see the module docstring).
+
+    Nothing is written when the dataset has problems (``DatasetError`` lists them all).
+    """
+    dataset = read_dataset(req.dataset, req.patient_regex)
+    fp = fingerprint_dataset(dataset, workers=req.workers, progress=req.progress)
+    plan = make_plan(dataset, fp, req.time_budget_minutes, req.device, name=req.output.stem)
+    out = req.output
+    manifest = out.with_name(f"{out.stem}.manifest.csv")
+    fp_path = out.with_name(f"{out.stem}.fingerprint.json")
+    config = replace(
+        plan.config, data=replace(plan.config.data, manifest=Path(manifest.name), fingerprint=Path(fp_path.name))
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(fp_path, json.dumps(fp, indent=1))
+    write_text(manifest, manifest_text(dataset, fp, config.preprocess.spatial_dims))
+    write_text(out, render(replace(plan, config=config)))
+    return replace(plan, config=config, config_path=out)
+
+
+def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, device: str, name: str = "plan") -> Plan:
+    """The plan for a fingerprinted dataset (no files written); CPU step times are measured here."""
+    reasons: dict[str, str] = {}
+    notes = [f"{dataset.layout} at {dataset.root}: {len(dataset.cases)} cases, {dataset.grouping}"]
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    image_dims = len(fp["cases"][0]["shape"])
+    spacing = median_spacing(fp)
+    shape = median_shape(fp)
+
+    target, why = rules.target_spacing([c["spacing"] for c in fp["cases"]])
+    reasons["preprocess.target_spacing"] = why
+    use_2d, why = rules.choose_2d(image_dims, spacing, shape)
+    reasons["network.spatial_dims"] = why
+    dims = 2 if use_2d else 3
+    # shape and spacing the network sees: resampled where the target says so, per slice for 2D
+    seen_spacing = [t if (target and t > 0) else s for t, s in zip(target or spacing, spacing, strict=True)]
+    seen_shape = [sh * sp / tsp for sh, sp, tsp in zip(shape, spacing, seen_spacing, strict=True)]
+    if use_2d and image_dims == 3:
+        seen_spacing, seen_shape = seen_spacing[:2], seen_shape[:2]
+
+    labels = dict(fp["labels"])
+    label_names = tuple(labels)
+    values = list(labels.values())
+    label_map = () if values == list(range(len(values))) else tuple((v, i) for i, v in enumerate(values))
+    modalities = tuple(fp["modalities"])
+    nonzero_fraction = float(np.median([ch["median_nonzero_fraction"] for ch in fp["channels"]]))
+    norm, nonzero, why = rules.normalization_for(modalities, nonzero_fraction)
+    reasons["preprocess.normalization"] = why
+    ct_window, ct_stats = (-1000.0, 1000.0), (0.0, 1.0)
+    if norm == "ct":
+        ch = fp["channels"][0]
+        ct_window = (ch["foreground_percentiles"]["0.5"], ch["foreground_percentiles"]["99.5"])
+        ct_stats = (ch["foreground_mean"], ch["foreground_std"])
+
+    batch = BATCH[(kind, dims)]
+    base = BASE_FEATURES[kind]
+    budget_s = budget_minutes * 60
+    train_cases, val_cases = _split_counts(dataset)
+    per_epoch = train_cases * (round(shape[-1]) if use_2d and image_dims == 3 else 1)
+
+    def network_for(patch: tuple[int, ...]) -> NetworkConfig:
+        strides, kernels = rules.strides_and_kernels(seen_spacing, patch)
+        isotropic = all(s == (1,) * dims or s == (2,) * dims for s in strides) and all(
+            k == (3,) * dims for k in kernels
+        )
+        return NetworkConfig(
+            name="unet",
+            spatial_dims=dims,
+            in_channels=len(modalities),
+            out_channels=len(label_names),
+            features=rules.features_for(len(strides), base, MAX_FEATURES[dims]),
+            norm="batch" if batch >= 8 else "instance",
+            strides=None if isotropic else tuple(strides),
+            kernel_sizes=None if isotropic else tuple(kernels),
+        )
+
+    rate = _throughput(kind, dims)  # FLOP/s of a training step on this machine (measured)
+
+    def step_seconds(patch: tuple[int, ...]) -> float:
+        from medunet.networks.topology import forward_flops
+
+        return 3.0 * forward_flops(network_for(patch), patch) * batch / rate  # forward + backward
+
+    def fits(patch: tuple[int, ...]) -> bool:
+        samples = 0.8 * budget_s / step_seconds(patch) * batch
+        return samples >= MIN_SAMPLES[dims]
+
+    multiple = rules.patch_multiple(rules.strides_and_kernels(seen_spacing, [round(s) for s in seen_shape])[0])
+    patch, shrunk = rules.shrink_patch(seen_shape, seen_spacing, fits if kind == "cpu" else _fits_gpu, multiple)
+    net = network_for(patch)
+    est = step_seconds(patch)
+    samples = 0.8 * budget_s / est * batch
+    reasons["preprocess.patch_size"] = f"the median image is {_x(seen_shape)} voxels" + (
+        f"; shortened {shrunk} time(s) by the network's stride ({_x(multiple)}), longest side in mm first, until a "
+        f"{budget_minutes:g}-minute budget affords {MIN_SAMPLES[dims]:,} samples on this machine "
+        f"(about {samples:,.0f} at an estimated {est:.2f} s per step of {batch})"
+        if shrunk
+        else f", which a {budget_minutes:g}-minute budget affords (about {samples:,.0f} samples)"
+    )
+    reasons["train.batch_size"] = f"{batch} {'slices' if dims == 2 else 'patches'} per step on {kind.upper()}" + (
+        "; batch norm, as a batch this large gives it stable statistics and makes a voxel's output "
+        "independent of its inference window"
+        if batch >= 8
+        else "; instance norm, as batches are small"
+    )
+    strides, kernels = rules.strides_and_kernels(seen_spacing, patch)
+    reasons["network.strides"] = (
+        f"{len(strides)} levels: an axis is pooled while its spacing is within {rules.POOL_SPACING_RATIO:g}x the "
+        f"finest and it keeps at least {rules.MIN_POOLED_SIZE} voxels; strides {[list(s) for s in strides]}"
+    )
+    reasons["network.kernel_sizes"] = (
+        f"kernel 1 along an axis not yet pooled while it is over {rules.POOL_SPACING_RATIO:g}x coarser; "
+        f"kernels {[list(k) for k in kernels]}"
+    )
+    reasons["network.features"] = f"{base} channels at the top, doubling per level up to {MAX_FEATURES[dims]}"
+
+    # mirroring, along the axes the network sees
+    axes = list(range(dims))
+    flip_axes, why = rules.mirror_axes([c.get("centroids", {}) for c in fp["cases"]], labels, axes)
+    reasons["augment.flip_axes"] = why
+    thick = rules.thick_axes(seen_spacing) if dims == 3 else []
+    anisotropic = bool(thick) or (use_2d and image_dims == 3)
+    augment = AugmentConfig(
+        crop_samples=1,
+        pos_fraction=0.67,
+        flip_prob=0.5 if flip_axes else 0.0,
+        flip_axes=flip_axes,
+        rotate_prob=0.3,
+        rotate_range=0.5 if anisotropic else 0.26,
+        rotate_in_plane=bool(thick),
+        scale_range=0.15,
+        elastic_prob=0.2 if anisotropic else 0.0,
+        intensity_prob=0.3,
+    )
+    reasons["augment.rotate_range"] = (
+        "in-plane rotation (up to 29 degrees) and elastic deformation: the slices are thick, so only the plane "
+        "is rotated or deformed"
+        if anisotropic
+        else "rotation up to 15 degrees about every axis (near-isotropic voxels)"
+    )
+
+    # epochs from the measured step time
+    measured = _measure_step(net, patch, batch) if kind == "cpu" else est
+    steps = max(1, per_epoch // batch)
+    epoch_s = steps * measured
+    val_voxels = val_cases * math.prod(shape)
+    val_s = 2.0 * forward_flops_per_voxel(net, patch) * val_voxels / (rate / 1.0)
+    val_every = max(1, math.ceil(val_s / (VALIDATION_SHARE * epoch_s)))
+    overhead = 30.0 + 0.05 * len(dataset.cases) * (1 if dims == 3 or image_dims == 2 else shape[-1])
+    epochs, why = rules.epochs_for(budget_s, epoch_s + val_s / val_every, overhead)
+    reasons["train.epochs"] = why
+    reasons["train.val_every"] = (
+        f"validation takes about {val_s:.0f} s; every {val_every} epoch(s) keeps it near {VALIDATION_SHARE:.0%}"
+    )
+    train = TrainConfig(
+        epochs=epochs,
+        batch_size=batch,
+        learning_rate=0.003 if dims == 2 else 0.002,
+        weight_decay=1e-5,
+        optimizer="adamw",
+        scheduler="cosine",
+        warmup_epochs=1 if epochs >= 10 else 0,
+        val_every=val_every,
+        time_limit_minutes=budget_minutes,
+        seed=0,
+    )
+    reasons["train.time_limit_minutes"] = "stops before an epoch that would end past the budget"
+    pre = PreprocessConfig(
+        spatial_dims=dims,
+        channels=modalities,
+        label_names=label_names,
+        orientation="RAS",
+        target_spacing=target,  # a 2D network on 3D volumes: the volume is resampled (in plane), then sliced
+        normalization=Normalization.CT_ZSCORE if norm == "ct" else Normalization.ZSCORE,
+        nonzero=nonzero,
+        ct_window=ct_window,
+        ct_stats=ct_stats,
+        patch_size=patch,
+        label_map=label_map,
+    )
+    infer = InferConfig(overlap=0.5, sw_batch_size=4 if dims == 2 else 2)
+    config = ExperimentConfig(
+        name=name,
+        data=DataConfig(val_fraction=0.2, split_seed=0),
+        preprocess=pre,
+        augment=augment,
+        network=net,
+        train=train,
+        infer=infer,
+    )
+    if dataset.grouping:
+        notes.append(f"patients: {dataset.grouping}")
+    return Plan(config, reasons, notes)
+
+
+def forward_flops_per_voxel(net: NetworkConfig, patch: tuple[int, ...]) -> float:
+    from medunet.networks.topology import forward_flops
+
+    return forward_flops(net, patch) / math.prod(patch)
+
+
+def _fits_gpu(patch: tuple[int, ...]) -> bool:
+    """On CUDA the patch is bounded by memory: a 3D patch of at most 160³ voxels, a 2D one of 512²."""
+    return math.prod(patch) <= (160**3 if len(patch) == 3 else 512**2)
+
+
+def _split_counts(dataset: Dataset) -> tuple[int, int]:
+    patients = {c.patient_id for c in dataset.cases}
+    val_patients = min(max(1, round(len(patients) * 0.2)), max(len(patients) - 1, 1))
+    share = val_patients / max(len(patients), 1)
+    val = round(len(dataset.cases) * share)
+    return len(dataset.cases) - val, val
+
+
+def _throughput(kind: str, dims: int) -> float:
+    """FLOP/s of a U-Net training step here: timed on a small network, so that step times of other
+    patches follow from their FLOP counts."""
+    if kind != "cpu":
+        return 50e12
+    from medunet.networks.topology import forward_flops
+
+    net = NetworkConfig(spatial_dims=dims, in_channels=1, out_channels=2, features=(16, 32, 64, 128))
+    patch = (128, 128) if dims == 2 else (48, 48, 48)
+    batch = 8 if dims == 2 else 2
+    seconds = _measure_step(net, patch, batch)
+    return 3.0 * forward_flops(net, patch) * batch / seconds
+
+
+def _measure_step(net_cfg: NetworkConfig, patch: tuple[int, ...], batch: int, steps: int = 3) -> float:
+    """Seconds per training step (forward, loss, backward, AdamW) of ``net_cfg`` on random data."""
+    import torch
+
+    from medunet.networks import create_network
+
+    net = create_network(net_cfg)
+    fmt = torch.channels_last_3d if len(patch) == 3 else torch.channels_last
+    net = net.to(memory_format=fmt)  # type: ignore[call-overload]
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    x = torch.randn(batch, net_cfg.in_channels, *patch).to(memory_format=fmt)
+    y = torch.randint(0, net_cfg.out_channels, (batch, *patch))
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def manifest_text(dataset: Dataset, fp: dict[str, Any], spatial_dims: int) -> str:
+    """The plan's manifest: one row per case, or per slice when a 2D network trains on 3D volumes."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    slices = spatial_dims == 2 and len(fp["cases"][0]["shape"]) == 3
+    writer.writerow(["case_id", "image", "label", "patient_id", *(["slice"] if slices else [])])
+    shapes = {c["case"]: c for c in fp["cases"]}
+    for case in dataset.cases:
+        images = ";".join(str(p) for p in case.images)
+        if not slices:
+            writer.writerow([case.case_id, images, str(case.label), case.patient_id])
+            continue
+        depth = _file_depth(shapes[case.case_id])
+        for z in range(depth):
+            writer.writerow([f"{case.case_id}_z{z:03d}", images, str(case.label), case.patient_id, z])
+    return buf.getvalue()
+
+
+def _file_depth(case: dict[str, Any]) -> int:
+    """Slices along the last axis after orientation to RAS (what ``TakeSliced`` indexes)."""
+    return int(case["shape"][-1])
+
+
+def render(plan: Plan) -> str:
+    """The plan as YAML, each key preceded by the reason it was chosen."""
+    lines = [
+        f"# medunet plan: {plan.config.name}",
+        "# Written by `medunet plan`; every value can be edited, then trained with `medunet train --config`.",
+    ]
+    lines += [f"# {n}" for n in plan.notes]
+    raw = to_dict(plan.config)
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            lines.append(f"{section}: {_flow(values)}")
+            continue
+        lines.append(f"{section}:")
+        for key, value in values.items():
+            why = plan.reasons.get(f"{section}.{key}")
+            if why:
+                lines += [f"  # {chunk}" for chunk in _wrap(why)]
+            lines.append(f"  {key}: {_flow(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip() if text.endswith("\n...") else text
+
+
+def _wrap(text: str, width: int = 110) -> list[str]:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if cur and len(cur) + 1 + len(w) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}" if cur else w
+    if cur:
+        lines.append(cur)
+    return lines
+
+
+def _x(values: list[float] | tuple[float, ...]) -> str:
+    return "x".join(f"{v:.0f}" for v in values)
