@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from medunet.config import NetworkConfig
+from medunet.networks.topology import level_strides, total_stride
+from medunet.networks.topology import receptive_field as axis_fields
 
 GiB = 1024**3
 MiB = 1024**2
@@ -143,8 +145,10 @@ def window_bytes_per_voxel(cfg: NetworkConfig, half_precision: bool = False) -> 
     values per channel (8 for the plain forward, whose full-size convolutions add input and output
     workspace).
     """
-    shrink = 2.0**-cfg.spatial_dims
-    deeper = sum(f * shrink**level for level, f in enumerate(cfg.features) if level > 0)
+    shrink, deeper = 1.0, 0.0
+    for level, (f, s) in enumerate(zip(cfg.features, level_strides(cfg), strict=True)):
+        shrink /= math.prod(s)
+        deeper += f * shrink if level > 0 else 0.0
     if cfg.name == "unet" and cfg.norm in ("instance", "batch", "none") and cfg.spatial_dims == 3:
         maps, io = 2.0 * cfg.features[0] + 6.0 * deeper, 4
     else:
@@ -163,18 +167,13 @@ def blend_bytes_per_voxel(num_classes: int, half: bool = False) -> int:
 
 
 def receptive_field(cfg: NetworkConfig) -> int:
-    """Theoretical receptive field (voxels along one axis) of a U-Net with two 3x3 convs per level."""
-    levels = len(cfg.features)
-    field, jump = 1, 1
-    for level in range(levels):  # encoder: two convs, then a 2x downsample before the next level
-        field += 2 * 2 * jump
-        if level < levels - 1:
-            field += jump
-            jump *= 2
-    for _ in range(levels - 1):  # decoder: upsample, two convs
-        jump //= 2
-        field += 2 * 2 * jump
-    return field
+    """Theoretical receptive field of the U-Net along its widest axis (voxels); per axis in
+    ``medunet.networks.topology.receptive_field``."""
+    return max(axis_fields(cfg))
+
+
+def _per_axis(value: int | Sequence[int], dims: int) -> list[int]:
+    return [int(value)] * dims if isinstance(value, int) else [int(v) for v in value][:dims]
 
 
 @dataclass(frozen=True)
@@ -198,22 +197,24 @@ def layout_windows(
     shape: Sequence[int],
     max_window_voxels: int,
     patch: Sequence[int],
-    multiple: int,
-    context: int,
+    multiple: int | Sequence[int],
+    context: int | Sequence[int],
 ) -> Layout:
     """The fewest windows that cover ``shape``, each at most ``max_window_voxels``.
 
     Neighbouring windows overlap by at least ``context`` voxels; window sides are multiples of
     ``multiple`` (the network's total stride) where they are smaller than the image, and never
-    smaller than the training ``patch`` (MONAI pads an image smaller than that).
+    smaller than the training ``patch`` (MONAI pads an image smaller than that). ``multiple`` and
+    ``context`` are one value for every axis or one per axis.
     """
     dims = len(shape)
+    mult, ctx = _per_axis(multiple, dims), _per_axis(context, dims)
     counts = [1] * dims
     while True:
-        roi = [_side(s, n, p, multiple, context) for s, n, p in zip(shape, counts, patch, strict=True)]
+        roi = [_side(s, n, p, m, c) for s, n, p, m, c in zip(shape, counts, patch, mult, ctx, strict=True)]
         if math.prod(roi) <= max_window_voxels:
             break
-        splittable = [i for i in range(dims) if roi[i] > max(patch[i], context + multiple, multiple)]
+        splittable = [i for i in range(dims) if roi[i] > max(patch[i], ctx[i] + mult[i], mult[i])]
         if not splittable:
             raise MemoryError(f"one window of {tuple(roi)} voxels does not fit the memory budget; raise --max-memory")
         axis = max(splittable, key=lambda i: (roi[i], i))
@@ -231,7 +232,12 @@ def layout_windows(
 
 
 def _layout_with_overlap(
-    layout: Layout, shape: Sequence[int], max_window_voxels: int, patch: Sequence[int], multiple: int, overlap: float
+    layout: Layout,
+    shape: Sequence[int],
+    max_window_voxels: int,
+    patch: Sequence[int],
+    multiple: Sequence[int],
+    overlap: float,
 ) -> Layout:
     """The cheapest layout whose neighbouring windows overlap by at least ``overlap`` of their side.
 
@@ -248,7 +254,7 @@ def _layout_with_overlap(
     candidates = [at_least(layout)]
     for _ in range(4):
         split = [r for r, n in zip(layout.roi, layout.counts, strict=True) if n > 1]
-        context = multiple * math.ceil(overlap * max(split, default=0) / multiple)
+        context = [m * math.ceil(overlap * max(split, default=0) / m) for m in multiple]
         try:
             relaid = layout_windows(shape, max_window_voxels, patch, multiple, context)
         except MemoryError:  # a context this wide leaves no axis to split: more of the smaller windows
@@ -348,7 +354,7 @@ def plan_tiles(
     image_bytes: int = 0,
     slice_wise: bool = False,
     half_allowed: bool = True,
-    context: int | None = None,
+    context: int | Sequence[int] | None = None,
 ) -> TilePlan:
     """Choose windows and slabs so that ``committed`` bytes (the process and its loaded image, mask and
     probabilities) plus the blending buffers and one window's activations stay within ``budget``.
@@ -362,8 +368,9 @@ def plan_tiles(
     separately when they live on a GPU; the blending buffers stay there only if they are small
     beside it. ``roi`` and ``overlap`` (a fraction, as MONAI's) override the automatic choice.
 
-    ``context``: voxels neighbouring windows (and slabs) share; by default as ``CONTEXT_COVERAGE``
-    says, and narrower (down to one stride) where a budget is too tight to split the windows that far.
+    ``context``: voxels neighbouring windows (and slabs) share, one value or one per axis; by default
+    as ``CONTEXT_COVERAGE`` says, and narrower (down to one stride) where a budget is too tight to split
+    the windows that far.
     """
     if context is None:
         plan_with = functools.partial(
@@ -383,9 +390,11 @@ def plan_tiles(
             half_allowed=half_allowed,
         )
         return _plan_choosing_context(plan_with, cfg, shape, fixed_windows=roi is not None)
-    multiple = 2 ** (len(cfg.features) - 1)
-    per_window_voxel = window_bytes_per_voxel(cfg, half_precision)
     window_dims = len(shape) - 1 if slice_wise else len(shape)
+    multiple = list(total_stride(cfg))[:window_dims]
+    assert context is not None
+    context = _per_axis(context, len(shape))
+    per_window_voxel = window_bytes_per_voxel(cfg, half_precision)
     usable = int(budget * 0.8)
     free = usable - committed
     plane = math.prod(shape[:-1])
@@ -410,7 +419,7 @@ def plan_tiles(
         window_budget = free - slab_budget
         per_voxel = blend_bytes_per_voxel(num_classes, half=half_allowed)
         if plane * depth * per_voxel > slab_budget:
-            margin = 0 if slice_wise else min(max(context // 2, multiple), depth)
+            margin = 0 if slice_wise else min(max(context[-1] // 2, multiple[-1]), depth)
             slab = min(int(slab_budget // (plane * per_voxel)) - 2 * margin, depth)
             if not slice_wise:  # a slab at least as deep as the training patch, so MONAI does not pad it
                 slab = max(slab, min(depth, int(patch[-1])) - 2 * margin)
@@ -437,7 +446,7 @@ def plan_tiles(
         counts = tuple(_monai_count(s, r, ov) for s, r in zip(window_shape, roi_t, strict=True))
         layout = Layout(roi_t, (ov,) * len(roi_t), counts)
     else:
-        layout = layout_windows(window_shape, max_voxels, patch[:window_dims], multiple, context)
+        layout = layout_windows(window_shape, max_voxels, patch[:window_dims], multiple, context[:window_dims])
         if overlap is not None:
             layout = _layout_with_overlap(layout, window_shape, max_voxels, patch[:window_dims], multiple, overlap)
     batch = max(1, min(8, max_voxels // max(layout.window_voxels, 1), math.prod(layout.counts)))
@@ -450,21 +459,23 @@ def plan_tiles(
 def _plan_choosing_context(
     plan_with: Callable[..., TilePlan], cfg: NetworkConfig, shape: Sequence[int], fixed_windows: bool
 ) -> TilePlan:
-    """``plan_with(context=...)`` at the context ``CONTEXT_COVERAGE`` describes."""
-    multiple = 2 ** (len(cfg.features) - 1)
-    field = receptive_field(cfg)
-    cheaper = multiple * max(1, math.ceil(field / (6 * multiple)))
+    """``plan_with(context=...)`` at the context ``CONTEXT_COVERAGE`` describes, per axis."""
+    multiple, fields = total_stride(cfg), axis_fields(cfg)
+    if len(multiple) < len(shape):  # a 2D network over a volume: its slabs need no context
+        multiple, fields = (*multiple, 1), (*fields, 1)
+    cheaper = [m * max(1, math.ceil(f / (6 * m))) for m, f in zip(multiple, fields, strict=True)]
     window_statistics = cfg.norm in ("instance", "group")
-    context = cheaper if window_statistics else multiple * max(1, math.ceil(field / (3 * multiple)))
+    wide = [m * max(1, math.ceil(f / (3 * m))) for m, f in zip(multiple, fields, strict=True)]
+    context = cheaper if window_statistics else wide
     while True:
         try:
             plan: TilePlan = plan_with(context=context)
         except MemoryError:
-            if context <= multiple:
+            if all(c <= m for c, m in zip(context, multiple, strict=True)):
                 raise
-            context = multiple * max(1, context // multiple // 2)
+            context = [m * max(1, c // m // 2) for c, m in zip(context, multiple, strict=True)]
             continue
         costly = plan.network_voxels(shape) > CONTEXT_COVERAGE * math.prod(shape)
-        if fixed_windows or not costly or context <= cheaper:
+        if fixed_windows or not costly or all(c <= k for c, k in zip(context, cheaper, strict=True)):
             return plan
         context = cheaper

@@ -30,7 +30,7 @@ def lr_factor(cfg: TrainConfig, progress: float) -> float:
     """Learning-rate multiplier at ``progress`` in [0, 1] of the run (warm-up, then decay)."""
     warm = cfg.warmup_epochs / max(cfg.epochs, 1)
     if progress < warm:
-        return (progress + 1e-3) / warm
+        return min((progress + 1e-3) / warm, 1.0)
     p = min(max((progress - warm) / max(1.0 - warm, 1e-8), 0.0), 1.0)
     if cfg.scheduler == "cosine":
         return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * p))

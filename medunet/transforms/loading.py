@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import numpy as np
@@ -52,12 +55,30 @@ class LoadCased(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        d["image"] = load_image(d["image"], spatial_dims=self.spatial_dims, channels_in_file=self.channels)
-        if "label" in d:
-            label = load_image(d["label"], spatial_dims=self.spatial_dims)
-            check_same_geometry(d["image"], label, str(d["label"]))
-            d["label"] = self._map_labels(label, str(d["label"]))
+        if d.get("slice") is not None:  # one slice of a volume: its neighbours' items read the same files
+            key = (tuple(d["image"]) if isinstance(d["image"], list | tuple) else d["image"], d.get("label"))
+            image, label = self._recent.get(key, lambda: self._load(d))
+            d["image"] = image.clone()
+            if label is not None:
+                d["label"] = label.clone()
+            return d
+        image, label = self._load(d)
+        d["image"] = image
+        if label is not None:
+            d["label"] = label
         return d
+
+    def _load(self, d: Mapping[Hashable, Any]) -> tuple[MetaTensor, MetaTensor | None]:
+        image = load_image(d["image"], spatial_dims=self.spatial_dims, channels_in_file=self.channels)
+        if "label" not in d:
+            return image, None
+        label = load_image(d["label"], spatial_dims=self.spatial_dims)
+        check_same_geometry(image, label, str(d["label"]))
+        return image, self._map_labels(label, str(d["label"]))
+
+    @functools.cached_property
+    def _recent(self) -> _Recent:
+        return _Recent(4)
 
     def _map_labels(self, label: MetaTensor, path: str) -> MetaTensor:
         values = torch.round(label.as_tensor())
@@ -70,6 +91,33 @@ class LoadCased(MapTransform):
                 raise InputError(path, f"label values {found} are not all in label_map {sorted(self.label_map)}")
             values = mapped
         return MetaTensor(values.to(torch.uint8), affine=label.affine, meta=dict(label.meta))
+
+
+class _Recent:
+    """The last few loaded volumes (thread-safe), so the slices of one volume load it once."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[Hashable, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: Hashable, load: Callable[[], Any]) -> Any:
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = load()
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:  # loader worker processes start with an empty cache
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["size"])  # type: ignore[misc]
 
 
 class TakeSliced(MapTransform):

@@ -1,0 +1,152 @@
+"""The plan end to end on real cardiac scans: check, fingerprint, config, manifest, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medunet.config import load_config
+from medunet.data.layouts import read_dataset
+from medunet.planning import DatasetError, PlanRequest, fingerprint_dataset, plan_dataset
+from medunet.planning import fingerprint as fingerprint_module
+
+PATIENTS = ("patient001", "patient002", "patient003")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDUNET_CACHE", str(tmp_path / "cache"))
+
+
+def small_acdc(data_dir: Path, root: Path) -> Path:
+    """Three ACDC patients (six frames) in the nnU-Net layout, the files linked, not copied."""
+    src = data_dir / "acdc_cardiac"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for f in sorted((src / "imagesTr").iterdir()):
+        if f.name.startswith(PATIENTS):
+            (root / "imagesTr" / f.name).symlink_to(f)
+            label = f.name.replace("_0000", "")
+            (root / "labelsTr" / label).symlink_to(src / "labelsTr" / label)
+    shutil.copy(src / "dataset.json", root / "dataset.json")
+    return root
+
+
+def test_fingerprint_of_real_cardiac_scans(data_dir: Path, tmp_path: Path) -> None:
+    ds = read_dataset(small_acdc(data_dir, tmp_path / "acdc"))
+    fp = fingerprint_dataset(ds, workers=2, progress=False)
+    assert len(fp["cases"]) == 6 and fp["modalities"] == ["cineMRI"]
+    case = fp["cases"][0]
+    assert case["spacing"] == pytest.approx([1.5625, 1.5625, 10.0])
+    assert case["orientation"] == "RAS" and len(case["shape"]) == 3
+    assert all(hi > lo for lo, hi in case["foreground_box"])
+    assert set(case["label_counts"]) == {"0", "1", "2", "3"}
+    pct = fp["channels"][0]["foreground_percentiles"]
+    assert pct["0.5"] < pct["50.0"] < pct["99.5"]
+    assert fp["label_voxels"]["LV"] > 0
+
+
+def test_second_fingerprint_reads_the_cache(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = read_dataset(small_acdc(data_dir, tmp_path / "acdc"))
+    first = fingerprint_dataset(ds, workers=1, progress=False)
+
+    def no_reading(job):  # type: ignore[no-untyped-def]
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(fingerprint_module, "case_fingerprint", no_reading)
+    assert fingerprint_dataset(ds, workers=1, progress=False) == first
+
+
+def test_plan_writes_a_config_that_loads_with_its_manifest_and_fingerprint(data_dir: Path, tmp_path: Path) -> None:
+    root = small_acdc(data_dir, tmp_path / "acdc")
+    out = tmp_path / "plans" / "acdc.yaml"
+    plan = plan_dataset(PlanRequest(root, out, time_budget_minutes=5, workers=1, progress=False))
+    cfg = load_config(out)
+    assert cfg == plan.config.__class__(**{**plan.config.__dict__, "data": cfg.data})
+    assert cfg.network.spatial_dims == 2  # 9 slices of 10 mm
+    assert cfg.preprocess.label_names == ("background", "RV", "MYO", "LV")
+    assert cfg.data.fingerprint is not None and cfg.data.fingerprint.is_file()
+    text = out.read_text()
+    assert "# " in text and "median spacing" in text and "augment:" in text
+    rows = cfg.data.manifest.read_text().splitlines()
+    assert rows[0] == "case_id,image,label,patient_id,slice"
+    depth = sum(int(nib.load(str(p)).shape[-1]) for p in sorted((root / "imagesTr").iterdir()))
+    assert len(rows) - 1 == depth  # one row per slice
+    assert {r.split(",")[3] for r in rows[1:]} == set(PATIENTS)
+
+
+def _broken(data_dir: Path, root: Path) -> Path:
+    small_acdc(data_dir, root)
+    images, labels = root / "imagesTr", root / "labelsTr"
+    # a truncated image
+    victim = images / "patient001_frame01_0000.nii.gz"
+    data = victim.read_bytes()
+    victim.unlink()
+    victim.write_bytes(data[:2000])
+    # a label on another grid
+    lab = labels / "patient002_frame01.nii.gz"
+    arr = np.asarray(nib.load(str(lab)).dataobj)
+    lab.unlink()
+    nib.save(nib.Nifti1Image(arr[:-4], np.diag([1.5625, 1.5625, 10.0, 1.0])), str(lab))
+    # a label value dataset.json does not declare
+    lab = labels / "patient003_frame01.nii.gz"
+    img = nib.load(str(lab))
+    arr = np.asarray(img.dataobj).copy()
+    arr[0, 0, 0] = 7
+    lab.unlink()
+    nib.save(nib.Nifti1Image(arr, img.affine, img.header), str(lab))
+    # a case without its label
+    missing = sorted(labels.glob("patient002_frame*"))[-1]
+    missing.unlink()
+    return root
+
+
+def test_dataset_check_lists_every_problem_and_writes_nothing(data_dir: Path, tmp_path: Path) -> None:
+    root = _broken(data_dir, tmp_path / "broken")
+    out = tmp_path / "plans" / "broken.yaml"
+    with pytest.raises(DatasetError) as info:
+        plan_dataset(PlanRequest(root, out, workers=2, progress=False))
+    problems = info.value.problems
+    assert len(problems) == 4, problems
+    text = "\n".join(problems)
+    assert "patient001_frame01_0000.nii.gz: cannot be read" in text
+    assert "patient002_frame01.nii.gz: label shape" in text
+    assert "label value(s) [7] not declared" in text
+    assert "label missing for case patient002_frame" in text
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_plan_command_prints_the_reasons_and_refuses_a_broken_dataset(data_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "MEDUNET_CACHE": str(tmp_path / "cache")}
+    root = small_acdc(data_dir, tmp_path / "acdc")
+    out = tmp_path / "plan.yaml"
+    ok = subprocess.run(
+        ["medunet", "plan", str(root), "-o", str(out), "--time-budget", "10m", "--workers", "1", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "network.spatial_dims = 2" in ok.stdout and "preprocess.patch_size" in ok.stdout
+    assert out.is_file()
+    broken = _broken(data_dir, tmp_path / "broken")
+    bad_out = tmp_path / "bad" / "plan.yaml"
+    res = subprocess.run(
+        ["medunet", "plan", str(broken), "-o", str(bad_out), "--workers", "1", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith("medunet: error:") and "4 problem(s)" in lines[0]
+    assert len(lines) == 5 and "Traceback" not in res.stderr
+    assert not bad_out.parent.exists()

@@ -1,0 +1,79 @@
+"""Each planning rule on its own, with the cases that decide it."""
+
+from __future__ import annotations
+
+from medunet.planning import rules
+
+
+def test_target_spacing_is_the_median_and_keeps_thick_slices() -> None:
+    iso = [[1.0, 1.0, 1.0], [1.2, 1.0, 1.0], [0.8, 1.0, 1.0]]
+    target, why = rules.target_spacing(iso)
+    assert target == (1.0, 1.0, 1.0) and "median" in why
+    thick = [[0.7, 0.7, 5.0], [0.8, 0.8, 10.0], [0.75, 0.75, 6.0]]
+    target, why = rules.target_spacing(thick)
+    assert target == (0.75, 0.75, 0.0)  # the thick axis keeps each case's slices
+    assert "invent or throw away slices" in why
+
+
+def test_target_spacing_resamples_nothing_when_every_case_is_on_the_grid() -> None:
+    target, why = rules.target_spacing([[1.5625, 1.5625, 10.0]] * 5)
+    assert target is None and "nothing is resampled" in why
+
+
+def test_2d_for_few_thick_slices_3d_otherwise() -> None:
+    assert rules.choose_2d(3, [1.56, 1.56, 10.0], [216, 256, 9])[0] is True
+    assert rules.choose_2d(3, [0.8, 0.8, 5.0], [512, 512, 120])[0] is False  # many slices: anisotropic 3D
+    assert rules.choose_2d(3, [1.0, 1.0, 1.0], [35, 50, 36])[0] is False
+    assert rules.choose_2d(2, [1.0, 1.0], [512, 512])[0] is True
+    # a thick axis that is not the last one (the 2D view slices the last axis): 3D
+    assert rules.choose_2d(3, [10.0, 1.0, 1.0], [9, 200, 200])[0] is False
+
+
+def test_strides_pool_an_axis_only_near_the_finest_spacing_and_above_the_minimum_size() -> None:
+    strides, kernels = rules.strides_and_kernels([1.0, 1.0, 1.0], [40, 56, 40])
+    assert strides == [(1, 1, 1), (2, 2, 2), (2, 2, 2)]  # 40 -> 20 -> 10: a third pooling would leave 5
+    assert kernels == [(3, 3, 3)] * 3
+    strides, kernels = rules.strides_and_kernels([0.8, 0.8, 3.0], [160, 160, 48])
+    assert strides[1] == (2, 2, 1)  # 3 mm is over 2x 0.8 mm: in-plane first
+    assert kernels[0] == (3, 3, 1) and kernels[1] == (3, 3, 3)  # 1.6 vs 3.0: within 2x, kernel 3 again
+    assert strides[2] == (2, 2, 2)
+    assert all(s[2] == 1 for s in strides[1:2])
+    # every axis keeps at least 8 voxels after pooling
+    strides, _ = rules.strides_and_kernels([1.0, 1.0], [144, 128])
+    size = [144, 128]
+    for level in strides[1:]:
+        size = [s // f for s, f in zip(size, level, strict=True)]
+    assert min(size) >= rules.MIN_POOLED_SIZE and len(strides) <= rules.MAX_LEVELS
+
+
+def test_shrink_patch_shortens_the_longest_side_in_mm_first() -> None:
+    patch, steps = rules.shrink_patch([216, 256], [1.0, 1.0], lambda p: True, (16, 16))
+    assert patch == (224, 256) and steps == 0
+    patch, steps = rules.shrink_patch([216, 256], [1.0, 1.0], lambda p: p[0] * p[1] <= 150 * 150, (16, 16))
+    assert patch[0] * patch[1] <= 150 * 150 and abs(patch[0] - patch[1]) <= 16 and steps > 0
+    # a coarse axis counts by its length in mm
+    patch, _ = rules.shrink_patch([200, 200, 30], [1.0, 1.0, 10.0], lambda p: p[2] <= 24, (8, 8, 2))
+    assert patch == (200, 200, 24)
+
+
+def test_mirroring_is_kept_off_an_axis_where_one_class_lies_on_one_side() -> None:
+    # class 1 always 20 mm left of class 2 along axis 0; along axis 1 their order varies
+    cases = [{"1": [10.0, 10.0 + d, 5.0], "2": [30.0, 10.0 - d, 5.0]} for d in (-3, 2, -1, 4, 1)]
+    axes, why = rules.mirror_axes(cases, {"background": 0, "head": 1, "tail": 2}, [0, 1, 2])
+    assert axes == (1, 2)
+    assert "head lies below tail along axis 0" in why
+    axes, why = rules.mirror_axes([{"1": [1.0, 2.0, 3.0]}] * 5, {"background": 0, "organ": 1}, [0, 1, 2])
+    assert axes == (0, 1, 2) and "every axis is mirrored" in why
+
+
+def test_normalization_ct_against_mr() -> None:
+    assert rules.normalization_for(["CT"], 1.0)[:2] == ("ct", False)
+    assert rules.normalization_for(["T2"], 0.9)[:2] == ("zscore", False)
+    norm, nonzero, why = rules.normalization_for(["FLAIR", "T1c"], 0.2)
+    assert (norm, nonzero) == ("zscore", True) and "non-zero region" in why
+
+
+def test_epochs_fill_the_budget_after_fixed_costs() -> None:
+    epochs, why = rules.epochs_for(1800, 60, 120)
+    assert epochs == 28 and "28 epochs" in why
+    assert rules.epochs_for(60, 600, 0)[0] == 1
