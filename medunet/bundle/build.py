@@ -103,7 +103,17 @@ def build_bundle(
     save_checkpoint(state, tmp / layout.WEIGHTS)
 
     manifest = os.path.relpath(cfg.data.manifest, dest.resolve()) if cfg.data.manifest.is_absolute() else None
-    recipe = to_dict(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=Path(manifest or "."))))
+    fingerprint = payload.get("fingerprint")
+    if isinstance(fingerprint, str):  # a planned run: its data's fingerprint travels with the model
+        (tmp / layout.FINGERPRINT).write_text(fingerprint)
+    if (run_dir / "plan.yaml").is_file():
+        shutil.copyfile(run_dir / "plan.yaml", tmp / layout.PLAN)
+    data = dataclasses.replace(
+        cfg.data,
+        manifest=Path(manifest or "."),
+        fingerprint=Path(layout.FINGERPRINT.name) if isinstance(fingerprint, str) else None,
+    )
+    recipe = to_dict(dataclasses.replace(cfg, data=data))
     _dump(tmp / layout.METADATA, metadata(cfg, card, version, history))
     _dump(tmp / layout.INFERENCE, inference_config(payload))
     _dump(tmp / layout.EVALUATE, evaluate_config())

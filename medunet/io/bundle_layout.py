@@ -23,6 +23,8 @@ WEIGHTS = Path("models/model.pt")
 README = Path("docs/README.md")
 LICENSE = Path("LICENSE")
 RECIPE = Path("configs/recipe.yaml")
+FINGERPRINT = Path("configs/fingerprint.json")  # the training data's fingerprint (planned models)
+PLAN = Path("configs/plan.yaml")  # the plan the recipe came from, every choice with its reason
 REQUIRED_FILES = (METADATA, INFERENCE, TRAIN, EVALUATE, WEIGHTS, README, LICENSE)
 
 NETWORK_TARGET = "medunet.bundle.components.network"

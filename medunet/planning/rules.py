@@ -42,7 +42,7 @@ def target_spacing(spacings: Sequence[Sequence[float]]) -> tuple[tuple[float, ..
     target = [0.0 if i in thick else round(float(s), 4) for i, s in enumerate(median)]
     on_grid = all(np.allclose(arr[:, i], median[i], rtol=0.01) for i in range(arr.shape[1]) if i not in thick)
     varied = [i for i in thick if not np.allclose(arr[:, i], median[i], rtol=0.01)]
-    parts = [f"median spacing {_mm(median)}"]
+    parts = [f"median spacing {_mm(median.tolist())}"]
     if thick:
         axes = ", ".join(f"axis {i} ({median[i]:.3g} mm)" for i in thick)
         parts.append(

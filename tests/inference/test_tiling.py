@@ -292,3 +292,21 @@ def test_slabs_keep_their_depth_at_the_ends() -> None:
     for start, (lo, hi) in zip(range(0, 300, plan.slab), bounds, strict=True):
         assert lo <= start and min(300, start + plan.slab) <= hi
     assert plan.layout.roi[-1] <= plan.slab + 2 * plan.margin
+
+
+def test_anisotropic_network_windows_follow_each_axis_stride_and_field() -> None:
+    from medunet.networks.topology import receptive_field as fields
+    from medunet.networks.topology import total_stride
+
+    cfg = NetworkConfig(
+        spatial_dims=3, in_channels=1, out_channels=4, features=(16, 32, 64, 128),
+        strides=((1, 1, 1), (2, 2, 1), (2, 2, 1), (2, 2, 2)),
+        kernel_sizes=((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3)),
+    )  # fmt: skip
+    assert total_stride(cfg) == (8, 8, 2)
+    assert fields(cfg)[2] < fields(cfg)[0]
+    shape = (512, 512, 40)
+    plan = plan_tiles(shape, cfg, (160, 160, 8), 1 * GiB, 300 * MiB, 4, image_bytes=4 * math.prod(shape))
+    for r, s, m in zip(plan.layout.roi, (*shape[:2], plan.slab + 2 * plan.margin), (8, 8, 2), strict=True):
+        assert r >= s or r % m == 0
+    assert plan.network_voxels(shape) >= math.prod(shape)

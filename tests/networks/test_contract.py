@@ -181,3 +181,55 @@ def test_channel_statistics_match_float64(layout: torch.memory_format) -> None:
     assert var.shape == mean.shape == (2, 5, 1, 1, 1)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=0)
     torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=0)
+
+
+ANISOTROPIC = {
+    2: {"strides": ((1, 1), (2, 1), (2, 2)), "kernel_sizes": ((3, 1), (3, 3), (3, 3))},
+    3: {"strides": ((1, 1, 1), (2, 2, 1), (2, 2, 2)), "kernel_sizes": ((3, 3, 1), (3, 3, 3), (3, 3, 3))},
+}
+ANISO_CASES = [(name, dims) for name in list_networks() for dims in (2, 3)]
+
+
+@pytest.mark.parametrize(("name", "dims"), ANISO_CASES)
+def test_anisotropic_strides_and_kernels(name: str, dims: int) -> None:
+    from medunet.networks.topology import receptive_field, total_stride
+
+    net = build(name, dims, **ANISOTROPIC[dims])
+    cfg = net.config
+    assert total_stride(cfg) == ((4, 2) if dims == 2 else (4, 4, 2))
+    fields = receptive_field(cfg)
+    assert fields[-1] < fields[0]  # the thick axis sees fewer voxels
+    size = (13, 10, 7)[:dims]  # no multiple of the strides
+    x = torch.randn((2, 2, *size), requires_grad=True)
+    y = net(x)
+    assert y.shape == (2, 3, *size)
+    y.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    net.eval()
+    scripted = torch.jit.script(net)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x.detach()), net(x.detach()), atol=1e-5)
+
+
+def test_anisotropic_slab_forward_equals_the_plain_one() -> None:
+    cfg = NetworkConfig(
+        spatial_dims=3, in_channels=1, out_channels=4, features=(4, 8, 16, 32),
+        strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 1)),
+        kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+    )  # fmt: skip
+    net = create_network(cfg).eval()
+    x = torch.randn(1, 1, 20, 36, 40)
+    plain = net(x).detach()  # autograd on: the plain forward
+    with torch.no_grad():
+        assert net._lean_applies()
+        lean = net(x)
+    assert torch.allclose(lean, plain, atol=1e-4)
+
+
+def test_strides_that_do_not_fit_the_levels_are_refused() -> None:
+    with pytest.raises(ValueError, match="needs 3 levels"):
+        build("unet", 3, strides=((1, 1, 1), (2, 2, 2)))
+    with pytest.raises(ValueError, match="first level is all 1"):
+        build("unet", 2, strides=((2, 2), (2, 2), (2, 2)))
+    with pytest.raises(ValueError, match="odd"):
+        build("unet", 2, kernel_sizes=((3, 2), (3, 3), (3, 3)))
