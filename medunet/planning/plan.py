@@ -234,9 +234,13 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         warmup_epochs=1 if epochs >= 10 else 0,
         val_every=val_every,
         time_limit_minutes=budget_minutes,
+        schedule_by_time=True,
         seed=0,
     )
     reasons["train.time_limit_minutes"] = "stops before an epoch that would end past the budget"
+    reasons["train.schedule_by_time"] = (
+        "the learning rate decays by the clock too, so a machine slower than measured still ends the run annealed"
+    )
     pre = PreprocessConfig(
         spatial_dims=dims,
         channels=modalities,

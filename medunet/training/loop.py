@@ -32,7 +32,7 @@ from monai.utils import set_determinism
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from medunet.config import ExperimentConfig, InferConfig, to_dict
+from medunet.config import ExperimentConfig, InferConfig, TrainConfig, to_dict
 from medunet.data import Case, kfold_by_patient, read_manifest, split_by_patient
 from medunet.errors import InputError
 from medunet.evaluation import dice_from_counts, overlap_counts
@@ -275,7 +275,7 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
         losses = []
         shown = req.progress and world.is_main
         for step, batch in enumerate(_progress(loader, f"epoch {epoch + 1}/{tc.epochs}", shown)):
-            lr = set_lr(optimizer, tc, (epoch + step / steps_per_epoch) / tc.epochs)
+            lr = set_lr(optimizer, tc, _progress_at(tc, epoch + step / steps_per_epoch, t0))
             x, y = batch["image"].to(device, memory_format=memory_format), batch["label"].to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 pred = model(x)
@@ -446,6 +446,14 @@ def validate(model: nn.Module, dataset: CacheDataset, cfg: ExperimentConfig, dev
         for volume, c in share.items():
             pooled[volume] = pooled.get(volume, 0) + c
     return np.mean([dice_from_counts(pooled[v]) for v in sorted(pooled)], axis=0)
+
+
+def _progress_at(tc: TrainConfig, epochs_done: float, t0: float) -> float:
+    """Share of the run done: by epochs, or by the clock where ``schedule_by_time`` and it is ahead."""
+    progress = epochs_done / tc.epochs
+    if tc.schedule_by_time and tc.time_limit_minutes:
+        progress = max(progress, (time.monotonic() - t0) / (tc.time_limit_minutes * 60))
+    return min(progress, 1.0)
 
 
 def _no_time_for_another(limit_minutes: float | None, t0: float, epochs_done: int) -> bool:
