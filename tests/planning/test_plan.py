@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -150,3 +151,38 @@ def test_plan_command_prints_the_reasons_and_refuses_a_broken_dataset(data_dir: 
     assert lines[0].startswith("medunet: error:") and "4 problem(s)" in lines[0]
     assert len(lines) == 5 and "Traceback" not in res.stderr
     assert not bad_out.parent.exists()
+
+
+def test_train_dataset_plans_trains_and_keeps_the_fingerprint(tmp_path: Path) -> None:
+    """`medunet train --dataset` on a folder pair of generated scans: the plan, a model that carries
+    the fingerprint, and a mask on the scan's grid from that model."""
+    from medunet.io import load_checkpoint
+    from tests.conftest import make_blob_case
+
+    root = tmp_path / "ds"
+    for i in range(6):
+        img, lab = make_blob_case(tmp_path / "gen", f"case{i}", seed=i)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "labels").mkdir(exist_ok=True)
+        img.rename(root / "images" / f"case{i}.nii.gz")
+        lab.rename(root / "labels" / f"case{i}.nii.gz")
+    env = {**os.environ, "MEDUNET_CACHE": str(tmp_path / "cache")}
+    run = tmp_path / "run"
+    res = subprocess.run(
+        ["medunet", "train", "--dataset", str(root), "--output", str(run), "--time-budget", "20s",
+         "--no-tracking", "-q"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert (run / "plan.yaml").is_file() and "best mean Dice" in res.stdout
+    payload = load_checkpoint(run / "best.pt")
+    fp = json.loads(payload["fingerprint"])
+    assert len(fp["cases"]) == 6 and fp["labels"] == {"background": 0, "label1": 1, "label2": 2}
+    mask = tmp_path / "mask.nii.gz"
+    res = subprocess.run(
+        ["medunet", "infer", str(root / "images" / "case0.nii.gz"), "-o", str(mask), "--model",
+         str(run / "best.pt"), "-q"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert nib.load(str(mask)).shape == nib.load(str(root / "images" / "case0.nii.gz")).shape
