@@ -127,6 +127,9 @@ class InferConfig:
     # Spatial axes the network was trained to be mirror-invariant along (training flips); ``--tta``
     # averages over mirrored copies along these. Filled from ``augment.flip_axes`` when a run is saved.
     tta_axes: tuple[int, ...] = ()
+    # Keep each class's largest connected component; None: decided on the validation cases after training
+    # (kept where it raises their mean Dice), as a planned run does.
+    largest_component: bool | None = False
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ T = TypeVar("T")
 
 
 class Postprocess(StrEnum):
+    MODEL = "model"
     NONE = "none"
     LARGEST_COMPONENT = "largest-component"
 
@@ -200,6 +201,10 @@ def train(
                 result = run_training(
                     TrainRequest(cfg, output, resume=resume, device=device, progress=not quiet), on_epoch=on_epoch
                 )
+                if cfg.infer.largest_component is None and world.is_main:
+                    from medunet.planning.postprocess import choose_postprocessing
+
+                    print(choose_postprocessing(result.best_checkpoint, cfg).describe())
         finally:
             close_world()
         if world.is_main:
@@ -317,8 +322,12 @@ def infer(
         bool, typer.Option(help="Average over mirrored copies (axes the model was trained to flip).")
     ] = False,
     postprocess: Annotated[
-        Postprocess, typer.Option(help="largest-component: keep each label's largest connected component.")
-    ] = Postprocess.NONE,
+        Postprocess,
+        typer.Option(
+            help="largest-component: keep each label's largest connected component; model: as the model was "
+            "validated (planned models choose it on their validation cases)."
+        ),
+    ] = Postprocess.MODEL,
     max_memory: Annotated[
         str | None, typer.Option(help="Peak memory to stay under, e.g. 4GB (default: a quarter of RAM, at most 2 GiB).")
     ] = None,
@@ -362,7 +371,9 @@ def infer(
         options = InferOptions(
             probabilities=probabilities,
             tta=tta,
-            largest_component=postprocess is Postprocess.LARGEST_COMPONENT,
+            largest_component=None
+            if postprocess is Postprocess.MODEL
+            else postprocess is Postprocess.LARGEST_COMPONENT,
             overlap=overlap,
             roi=_parse_sizes(roi, "--roi") if roi else None,
             max_memory=parse_memory(max_memory) if max_memory else None,

@@ -42,7 +42,7 @@ class InferOptions:
 
     probabilities: bool = False  # keep the class probabilities (float16 in memory)
     tta: bool = False  # average over mirrored copies along every spatial axis
-    largest_component: bool = False  # keep only the largest connected component of each class
+    largest_component: bool | None = None  # keep each class's largest component (None: as the model says)
     overlap: float | None = None  # least window overlap, a fraction of a window (default: the network's context)
     roi: tuple[int, ...] | None = None  # window size (default: the largest the budget allows)
     max_memory: int | None = None  # peak bytes to aim for (default: ``default_memory_budget()``)
@@ -192,7 +192,8 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
         labels, probs = _to_input_grid(prep, labels, probs, resampled)
     if probs is not None and not options.probabilities:
         probs = None
-    if options.largest_component:
+    keep_largest = model.infer.largest_component if options.largest_component is None else options.largest_component
+    if keep_largest:
         labels = keep_largest_components(labels, num_classes)
     spacing = tuple(float(v) for v in np.linalg.norm(prep.affine[:-1, :-1], axis=0))
     return Segmentation(labels, prep.affine, probs, prep.source, spacing, plan=plan)

@@ -162,13 +162,15 @@ def mirror_axes(
     axes: Sequence[int],
     agreement: float = 0.9,
     min_offset_mm: float = 2.0,
+    min_cases: int = 8,
 ) -> tuple[tuple[int, ...], str]:
     """Axes along which mirroring keeps the labels' meaning.
 
     For each pair of foreground classes and each axis, the sign of the offset between their centroids
     is counted over the cases that hold both: if one sign holds in at least ``agreement`` of them (and
     the mean offset is at least ``min_offset_mm``), one class lies consistently on one side of the other
-    along that axis, a mirrored copy would teach the opposite, and that axis is not mirrored.
+    along that axis, a mirrored copy would teach the opposite, and that axis is not mirrored. Fewer than
+    ``min_cases`` cases holding both classes are no evidence either way: that pair is not counted.
     """
     names = {str(v): k for k, v in label_names.items() if v != 0}
     reasons: list[str] = []
@@ -177,7 +179,7 @@ def mirror_axes(
     for ia, a in enumerate(values):
         for b in values[ia + 1 :]:
             pairs = [(c[a], c[b]) for c in centroids if a in c and b in c]
-            if len(pairs) < 3:
+            if len(pairs) < min_cases:
                 continue
             offsets = np.asarray([np.subtract(pa, pb) for pa, pb in pairs])
             for axis in axes:

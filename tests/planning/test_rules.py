@@ -58,12 +58,14 @@ def test_shrink_patch_shortens_the_longest_side_in_mm_first() -> None:
 
 def test_mirroring_is_kept_off_an_axis_where_one_class_lies_on_one_side() -> None:
     # class 1 always 20 mm left of class 2 along axis 0; along axis 1 their order varies
-    cases = [{"1": [10.0, 10.0 + d, 5.0], "2": [30.0, 10.0 - d, 5.0]} for d in (-3, 2, -1, 4, 1)]
+    cases = [{"1": [10.0, 10.0 + d, 5.0], "2": [30.0, 10.0 - d, 5.0]} for d in (-3, 2, -1, 4, 1, -2, 3, -4)]
     axes, why = rules.mirror_axes(cases, {"background": 0, "head": 1, "tail": 2}, [0, 1, 2])
     assert axes == (1, 2)
     assert "head lies below tail along axis 0" in why
     axes, why = rules.mirror_axes([{"1": [1.0, 2.0, 3.0]}] * 5, {"background": 0, "organ": 1}, [0, 1, 2])
     assert axes == (0, 1, 2) and "every axis is mirrored" in why
+    # six cases are too few to call a side: everything is mirrored
+    assert rules.mirror_axes(cases[:6], {"background": 0, "head": 1, "tail": 2}, [0, 1, 2])[0] == (0, 1, 2)
 
 
 def test_normalization_ct_against_mr() -> None:
