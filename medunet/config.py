@@ -107,8 +107,9 @@ class TrainConfig:
     warmup_epochs: int = 0
     val_every: int = 1
     time_limit_minutes: float | None = None
-    # The learning-rate schedule follows the clock as well as the epochs: where the machine is slower
-    # than planned, the rate still decays by the time limit (not bitwise reproducible on resume).
+    # The learning-rate schedule follows the clock up to ``time_limit_minutes`` instead of the epochs
+    # (``epochs`` is then a cap): the run ends annealed at the time limit whether the machine is faster
+    # or slower than planned (not bitwise reproducible on resume).
     schedule_by_time: bool = False
     seed: int = 0
     num_threads: int | None = None

@@ -449,11 +449,10 @@ def validate(model: nn.Module, dataset: CacheDataset, cfg: ExperimentConfig, dev
 
 
 def _progress_at(tc: TrainConfig, epochs_done: float, t0: float) -> float:
-    """Share of the run done: by epochs, or by the clock where ``schedule_by_time`` and it is ahead."""
-    progress = epochs_done / tc.epochs
+    """Share of the run done: by epochs, or by the clock with ``schedule_by_time`` (and a time limit)."""
     if tc.schedule_by_time and tc.time_limit_minutes:
-        progress = max(progress, (time.monotonic() - t0) / (tc.time_limit_minutes * 60))
-    return min(progress, 1.0)
+        return min((time.monotonic() - t0) / (tc.time_limit_minutes * 60), 1.0)
+    return min(epochs_done / tc.epochs, 1.0)
 
 
 def _no_time_for_another(limit_minutes: float | None, t0: float, epochs_done: int) -> bool:
