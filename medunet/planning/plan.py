@@ -160,7 +160,10 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         samples = 0.8 * budget_s / step_seconds(patch) * batch
         return samples >= MIN_SAMPLES[dims]
 
-    multiple = rules.patch_multiple(rules.strides_and_kernels(seen_spacing, [round(s) for s in seen_shape])[0])
+    # patch sides move in steps of the network's stride, at most 16 (2D) or 8 (3D) voxels, so that a
+    # deep network on a large image does not shrink its patch in leaps
+    largest = rules.patch_multiple(rules.strides_and_kernels(seen_spacing, [round(s) for s in seen_shape])[0])
+    multiple = tuple(min(m, 16 if dims == 2 else 8) for m in largest)
     patch, shrunk = rules.shrink_patch(seen_shape, seen_spacing, fits if kind == "cpu" else _fits_gpu, multiple)
     net = network_for(patch)
     est = step_seconds(patch)
