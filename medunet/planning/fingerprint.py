@@ -202,8 +202,6 @@ def fingerprint_dataset(
     jobs = [_Job(c, len(dataset.channels), dataset.channels_in_file, declared) for c in dataset.cases]
     results = _map(case_fingerprint, jobs, workers, progress, "fingerprint")
     problems = [p for r in results for p in r["problems"]]
-    if not dataset.declared_labels:  # values found in the data; a case whose label volume is empty is fine
-        pass
     if not problems:
         problems += _cross_case_problems(results)
     if problems:
