@@ -238,6 +238,7 @@ def _plan_for_training(
     from medunet.planning import PlanRequest, plan_dataset
     from medunet.planning.plan import DEFAULT_BUDGET_MINUTES
     from medunet.training.distributed import current_world
+    from medunet.training.loop import resolve_device
 
     path = output / "plan.yaml"
     if resume and path.is_file():
@@ -247,17 +248,11 @@ def _plan_for_training(
             "under torchrun, plan first (medunet plan DATASET -o plan.yaml), then train --config plan.yaml"
         )
     minutes = parse_minutes(budget) if budget else DEFAULT_BUDGET_MINUTES
-    kind = "cuda" if device.startswith("cuda") or (device == "auto" and _cuda()) else "cpu"
+    kind = resolve_device(device).type
     plan = plan_dataset(PlanRequest(dataset, path, patient_regex, minutes, kind, progress=not quiet))
     if not quiet:
         print(_plan_summary(plan))
     return path
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _plan_summary(plan) -> str:  # type: ignore[no-untyped-def]
@@ -294,8 +289,9 @@ def plan(
 
     def body() -> None:
         from medunet.planning import PlanRequest, plan_dataset
+        from medunet.training.loop import resolve_device
 
-        kind = "cuda" if device.startswith("cuda") or (device == "auto" and _cuda()) else "cpu"
+        kind = resolve_device(device).type
         result = plan_dataset(
             PlanRequest(dataset, output, patient_regex, parse_minutes(time_budget), kind, workers, not quiet)
         )

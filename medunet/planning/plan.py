@@ -33,7 +33,9 @@ from medunet.config import (
     to_dict,
 )
 from medunet.data.layouts import Dataset, read_dataset
+from medunet.data.splits import split_by_patient
 from medunet.io.writers import write_text
+from medunet.networks.topology import forward_flops
 from medunet.planning import rules
 from medunet.planning.fingerprint import fingerprint_dataset, median_shape, median_spacing
 
@@ -130,8 +132,12 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     batch = BATCH[(kind, dims)]
     base = BASE_FEATURES[kind]
     budget_s = budget_minutes * 60
-    train_cases, val_cases = _split_counts(dataset)
-    per_epoch = train_cases * (round(shape[-1]) if use_2d and image_dims == 3 else 1)
+    # the split training will draw (same rule, same seed), and what an epoch and a validation hold
+    train_part, val_part = split_by_patient(list(dataset.cases), DataConfig.val_fraction, DataConfig.split_seed)
+    case_shapes = {c["case"]: c["shape"] for c in fp["cases"]}
+    slices = use_2d and image_dims == 3
+    per_epoch = sum(case_shapes[c.case_id][-1] if slices else 1 for c in train_part)
+    val_voxels = sum(math.prod(case_shapes[c.case_id]) for c in val_part)
 
     def network_for(patch: tuple[int, ...]) -> NetworkConfig:
         strides, kernels = rules.strides_and_kernels(seen_spacing, patch)
@@ -152,8 +158,6 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     rate = _throughput(kind, dims)  # FLOP/s of a training step on this machine (measured)
 
     def step_seconds(patch: tuple[int, ...]) -> float:
-        from medunet.networks.topology import forward_flops
-
         return 3.0 * forward_flops(network_for(patch), patch) * batch / rate  # forward + backward
 
     def fits(patch: tuple[int, ...]) -> bool:
@@ -221,8 +225,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     measured = _measure_step(net, patch, batch) if kind == "cpu" else est
     steps = max(1, per_epoch // batch)
     epoch_s = steps * measured
-    val_voxels = val_cases * math.prod(shape)
-    val_s = 1.5 * forward_flops_per_voxel(net, patch) * val_voxels / rate  # windows overlap a half
+    val_s = 1.5 * forward_flops(net, patch) / math.prod(patch) * val_voxels / rate  # windows overlap a half
     val_every = max(1, math.ceil(val_s / (VALIDATION_SHARE * epoch_s)))
     overhead = 20.0 + 0.05 * len(dataset.cases)  # start-up and caching (a volume's slices load it once)
     epochs, why = rules.epochs_for(budget_s, epoch_s + val_s / val_every, overhead)
@@ -284,23 +287,9 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     return Plan(config, reasons, notes)
 
 
-def forward_flops_per_voxel(net: NetworkConfig, patch: tuple[int, ...]) -> float:
-    from medunet.networks.topology import forward_flops
-
-    return forward_flops(net, patch) / math.prod(patch)
-
-
 def _fits_gpu(patch: tuple[int, ...]) -> bool:
     """On CUDA the patch is bounded by memory: a 3D patch of at most 160³ voxels, a 2D one of 512²."""
     return math.prod(patch) <= (160**3 if len(patch) == 3 else 512**2)
-
-
-def _split_counts(dataset: Dataset) -> tuple[int, int]:
-    patients = {c.patient_id for c in dataset.cases}
-    val_patients = min(max(1, round(len(patients) * 0.2)), max(len(patients) - 1, 1))
-    share = val_patients / max(len(patients), 1)
-    val = round(len(dataset.cases) * share)
-    return len(dataset.cases) - val, val
 
 
 def _throughput(kind: str, dims: int) -> float:
@@ -308,8 +297,6 @@ def _throughput(kind: str, dims: int) -> float:
     patches follow from their FLOP counts."""
     if kind != "cpu":
         return 50e12
-    from medunet.networks.topology import forward_flops
-
     net = NetworkConfig(spatial_dims=dims, in_channels=1, out_channels=2, features=(16, 32, 64, 128))
     patch = (128, 128) if dims == 2 else (48, 48, 48)
     batch = 8 if dims == 2 else 2
@@ -354,15 +341,10 @@ def manifest_text(dataset: Dataset, fp: dict[str, Any], spatial_dims: int) -> st
         if not slices:
             writer.writerow([case.case_id, images, str(case.label), case.patient_id])
             continue
-        depth = _file_depth(shapes[case.case_id])
+        depth = int(shapes[case.case_id]["shape"][-1])  # slices along the last axis after orientation to RAS
         for z in range(depth):
             writer.writerow([f"{case.case_id}_z{z:03d}", images, str(case.label), case.patient_id, z])
     return buf.getvalue()
-
-
-def _file_depth(case: dict[str, Any]) -> int:
-    """Slices along the last axis after orientation to RAS (what ``TakeSliced`` indexes)."""
-    return int(case["shape"][-1])
 
 
 def render(plan: Plan) -> str:

@@ -7,7 +7,6 @@ largest-connected-component filter is kept when it raises the mean Dice over tho
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def choose_postprocessing(checkpoint: Path, cfg: ExperimentConfig) -> Postproces
     volumes: dict[str, tuple[tuple[Path, ...], Path]] = {}
     for case in read_manifest(cfg.data.manifest):
         if case.case_id in val_ids and case.label is not None:
-            volumes.setdefault(re.sub(r"_z\d{3}$", "", case.volume_id), (case.images, case.label))
+            volumes.setdefault(case.volume_id, (case.images, case.label))  # a volume's slices share it
     n = model.preprocess.num_classes
     without, with_ = [], []
     for images, label_path in volumes.values():

@@ -106,13 +106,11 @@ def infer_settings(cfg: ExperimentConfig) -> InferConfig:
     return replace(cfg.infer, tta_axes=tuple(cfg.augment.flip_axes))
 
 
-def model_payload(cfg: ExperimentConfig, model: nn.Module) -> dict[str, Any]:
+def model_payload(cfg: ExperimentConfig, model: nn.Module, fingerprint: str | None = None) -> dict[str, Any]:
     """What inference needs and nothing else: network, preprocessing, labels, window and weights, and
-    the training data's fingerprint (JSON text) when the run was planned from a dataset."""
-    fingerprint = cfg.data.fingerprint
-    extra = {"fingerprint": fingerprint.read_text()} if fingerprint is not None and fingerprint.is_file() else {}
+    the training data's ``fingerprint`` (JSON text) when the run was planned from a dataset."""
     return {
-        **extra,
+        **({"fingerprint": fingerprint} if fingerprint is not None else {}),
         "format": CHECKPOINT_FORMAT,
         "network": to_dict(cfg.network),
         "preprocess": to_dict(cfg.preprocess),
@@ -264,6 +262,8 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
     if tc.compile:
         model = typing.cast(nn.Module, torch.compile(model))
 
+    fp_path = cfg.data.fingerprint
+    fingerprint = fp_path.read_text() if fp_path is not None and fp_path.is_file() else None  # into each checkpoint
     label_names = pre.label_names[1:]
     steps_per_epoch = max(len(loader), 1)
     t0 = time.monotonic() - elapsed_before
@@ -298,14 +298,14 @@ def train(req: TrainRequest, on_epoch: Callable[[dict[str, Any]], None] | None =
             if record["dice_mean"] > best:
                 best, best_epoch = record["dice_mean"], epoch + 1
                 if world.is_main:
-                    payload = {**model_payload(cfg, net), "epoch": epoch, "dice": record["dice_mean"]}
+                    payload = {**model_payload(cfg, net, fingerprint), "epoch": epoch, "dice": record["dice_mean"]}
                     save_checkpoint(payload, best_path)
         record["seconds"] = time.monotonic() - t0
         history.append(record)
         if world.is_main:
             save_checkpoint(
                 {
-                    **model_payload(cfg, net),
+                    **model_payload(cfg, net, fingerprint),
                     "config": to_dict(cfg),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
