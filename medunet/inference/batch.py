@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,13 +94,17 @@ def plan_jobs(scans: Sequence[tuple[Path, ...]], output: Path, spatial_dims: int
     return jobs
 
 
+def probs_path(output: Path) -> Path:
+    return output.parent / f"{scan_name(output)}_probs.nii.gz"
+
+
 def write_segmentation(seg: Segmentation, model: SegmentationModel, output: Path) -> Path:
     """Write the label map (class indices mapped to the training label values) and, if present,
     the probabilities beside it as ``<name>_probs.nii.gz``."""
     values = np.asarray(model.label_values, dtype=np.uint8)
     if seg.probabilities is not None:
         probs = np.moveaxis(seg.probabilities.numpy(), 0, -1).astype(np.float32)
-        write_array(probs, seg.affine, output.parent / f"{scan_name(output)}_probs.nii.gz")
+        write_array(probs, seg.affine, probs_path(output))
         del probs
     write_array(values[seg.labels.numpy()], seg.affine, output)
     return output
@@ -122,13 +129,23 @@ def label_statistics(seg: Segmentation, model: SegmentationModel, scan: str) -> 
 
 
 def write_statistics(rows: Sequence[dict[str, object]], path: Path) -> Path:
-    import csv
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=STATS_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def read_statistics(path: Path) -> list[dict[str, object]]:
+    """The rows of an earlier statistics CSV (none if it is missing or not one of ours)."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != STATS_COLUMNS:
+                return []
+            return list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 @dataclass(frozen=True)
@@ -155,6 +172,58 @@ def seg_path(output: Path) -> Path:
 JOB_ERRORS = (MedunetError, OSError, ValueError, RuntimeError, MemoryError)
 
 
+def job_outputs(job: Job, n_jobs: int, probabilities: bool, extras: Extras) -> list[Path]:
+    """Every file a job writes, the mask last (a scan whose mask exists is complete)."""
+    out = [probs_path(job.output)] if probabilities else []
+    if extras.dicom_seg:
+        out.append(seg_path(job.output))
+    qc = extras.qc_path(job, n_jobs)
+    if qc is not None:
+        out.append(qc)
+    return [*out, job.output]
+
+
+def check_outputs(jobs: Sequence[Job], probabilities: bool, extras: Extras) -> None:
+    """Before anything is read: refuse an output that is an input of the run, or that lies in a DICOM
+    folder or folder of scans given as input; and an output folder that cannot be written."""
+    inputs = {_real(p) for job in jobs for p in job.inputs}
+    folders = {p for p in inputs if os.path.isdir(p)}
+    outputs = [p for job in jobs for p in job_outputs(job, len(jobs), probabilities, extras)]
+    if extras.stats is not None:
+        outputs.append(extras.stats)
+    for path in outputs:
+        real = _real(path)
+        if real in inputs:
+            raise InputError(path, "is an input of this run; writing there would destroy it (choose another --output)")
+        if os.path.dirname(real) in folders:
+            raise InputError(path, "would be written into an input folder (choose another --output)")
+    for folder in sorted({_real(p.parent) for p in outputs}):
+        check_writable(Path(folder))
+
+
+def _real(path: Path) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and write (and remove) a file in it, or raise ``InputError``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".medunet-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(folder, f"output folder cannot be written ({exc.strerror or exc})") from None
+
+
+def describe_failure(job: Job, exc: BaseException) -> str:
+    if isinstance(exc, MedunetError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"cannot write {exc.filename}: " if exc.filename else ""
+        return f"{job.name}: {where}{exc.strerror}"
+    return f"{job.name}: {type(exc).__name__}: {exc}"
+
+
 def run_jobs(
     jobs: Sequence[Job],
     model: SegmentationModel,
@@ -165,46 +234,68 @@ def run_jobs(
     options: InferOptions | None = None,
     extras: Extras | None = None,
     on_error: Callable[[str], None] | None = None,
+    accept_damaged: bool = False,
 ) -> BatchResult:
     """Segment every job; a bad file is reported and skipped while the others finish.
 
-    The mask is written last, so a scan whose mask exists is complete (``skip_existing``).
+    The mask is written last, so a scan whose mask exists is complete (``skip_existing``); a scan
+    stopped midway (an error, Ctrl-C, SIGTERM) leaves none of its files. The statistics CSV holds
+    exactly the scans whose masks exist, those of an earlier run that ``skip_existing`` kept included.
     """
     opts = options or InferOptions(probabilities=probabilities)
     more = extras or Extras()
     result = BatchResult()
     rows: list[dict[str, object]] = []
+    earlier = read_statistics(more.stats) if more.stats is not None and skip_existing else []
+    report = on_error or log.error
     try:
         for job in jobs:
+            written: list[Path] = []
             try:
                 if skip_existing and job.output.exists():
                     result.skipped.append(job.output)
+                    rows += [r for r in earlier if r.get("scan") == scan_name(job.output)]
                     continue
                 if more.dicom_seg and not job.inputs[0].is_dir():
                     raise InputError(job.inputs[0], "--dicom-seg needs a DICOM series folder as input")
-                seg = segment(list(job.inputs), model, series=series, options=opts, keep_scan=more.qc is not None)
+                seg = segment(
+                    list(job.inputs), model, series=series, options=opts, keep_scan=more.qc is not None,
+                    accept_damaged=accept_damaged,
+                )  # fmt: skip
                 if more.dicom_seg and not seg.labels.any():
                     log.warning("%s: no label found, so no DICOM SEG (it needs a segment)", job.name)
                 elif more.dicom_seg:
+                    written.append(seg_path(job.output))
                     write_dicom_seg(
                         seg.labels.numpy(), seg.affine, job.inputs[0], seg_path(job.output),
                         model.label_names, Path(model.source).name, series,
                     )  # fmt: skip
                 qc = more.qc_path(job, len(jobs))
                 if qc is not None and seg.scan is not None:
+                    written.append(qc)
                     labels = seg.labels.numpy()
                     qc_picture(seg.scan, labels, model.label_names, qc, scan_name(job.output), seg.spacing)
+                if seg.probabilities is not None:
+                    written.append(probs_path(job.output))
                 result.written.append(write_segmentation(seg, model, job.output))
+                written.clear()  # complete: the mask exists
                 rows += label_statistics(seg, model, scan_name(job.output))
                 del seg  # before the next scan is planned against the memory budget
             except JOB_ERRORS as exc:
-                message = str(exc) if isinstance(exc, MedunetError) else f"{job.name}: {type(exc).__name__}: {exc}"
+                message = describe_failure(job, exc)
                 result.failed.append((job.name, message))
-                (on_error or log.error)(message)
+                report(message)
             finally:
+                for path in written:  # this scan's outputs, when its mask was not written
+                    path.unlink(missing_ok=True)
                 if on_done is not None:
                     on_done(job)
     finally:
         if more.stats is not None:
-            write_statistics(rows, more.stats)
+            try:
+                write_statistics(rows, more.stats)
+            except OSError as exc:
+                message = f"{more.stats}: cannot write the statistics ({exc.strerror or exc})"
+                result.failed.append((str(more.stats), message))
+                report(message)
     return result

@@ -296,16 +296,18 @@ def segment(
     series: str | None = None,
     options: InferOptions | None = None,
     keep_scan: bool = False,
+    accept_damaged: bool = False,
 ) -> Segmentation:
     """Segment a file, a DICOM series folder or a loaded image with ``model``.
 
     A file is loaded here and released once preprocessed, so a large scan is not held twice;
-    ``keep_scan`` keeps its first channel for QC pictures.
+    ``keep_scan`` keeps its first channel for QC pictures. ``series`` and ``accept_damaged`` choose and
+    check a DICOM series (see ``load_image``). A scan without signal (every channel constant) gets a
+    warning and an empty mask: a network's output on it means nothing.
     """
     opts = options or InferOptions(probabilities=probabilities)
     if isinstance(image, MetaTensor):
-        prep = prepare(image, model)
-        scan = image[0].numpy().copy() if keep_scan else None
+        loaded = image
     else:
         dims = model.preprocess.spatial_dims
         paths = [Path(image)] if isinstance(image, str | Path) else list(image)
@@ -314,9 +316,32 @@ def segment(
             spatial_dims=(2, 3) if dims == 2 else dims,
             series=series,
             channels_in_file=len(model.preprocess.channels),
+            accept_damaged=accept_damaged,
         )
-        scan = loaded[0].numpy().copy() if keep_scan else None
-        prep = prepare(loaded, model, own=True)
-        del loaded
+    blank = no_signal(loaded, model.preprocess.channels)
+    scan = loaded[0].numpy().copy() if keep_scan else None
+    prep = prepare(loaded, model, own=loaded is not image)
+    del loaded
     seg = segment_prepared(prep, model, opts)
+    if blank is not None:
+        log.warning("%s: the scan holds no signal (%s); its mask is left empty", seg.source, blank)
+        seg.labels.zero_()
+        if seg.probabilities is not None:
+            seg.probabilities.zero_()
+            seg.probabilities[0] = 1
     return replace(seg, scan=scan) if scan is not None else seg
+
+
+def no_signal(image: torch.Tensor, channels: Sequence[str]) -> str | None:
+    """What makes ``image`` blank, when every channel holds a single value (NaN aside): e.g. "every
+    voxel is 0"; ``None`` for a scan with signal."""
+    values = []
+    for c in range(image.shape[0]):
+        lo, hi = intensity_range(image[c])
+        if not bool(torch.isfinite(lo)) or float(lo) != float(hi):
+            return None
+        values.append(float(lo))
+    if len(values) == 1:
+        return f"every voxel is {values[0]:g}"
+    names = list(channels) if len(channels) == len(values) else [str(c) for c in range(len(values))]
+    return ", ".join(f"every {n} voxel is {v:g}" for n, v in zip(names, values, strict=True))

@@ -23,14 +23,10 @@ LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def series_files(folder: Path, series: str | None = None) -> list[Path]:
-    """The files of the series MONAI read from ``folder`` (GDCM's choice and order)."""
-    import SimpleITK as sitk
+    """The files of the series that was read from ``folder`` (chosen as ``load_image`` chose it)."""
+    from medunet.io.dicom_series import choose_series, scan_folder
 
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
-    if not uids:
-        raise InputError(folder, "folder holds no DICOM series")
-    uid = series or uids[0]
-    return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
+    return choose_series(folder, scan_folder(folder), series).files
 
 
 def restore_identifiers(datasets: Sequence, source: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from monai.transforms import LoadImage
 from nibabel.arrayproxy import ArrayProxy
 
 from medunet.errors import InputError
+from medunet.io.dicom_series import check_series, choose_series, link_series, scan_folder
+from medunet.runtime import native_output
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +38,8 @@ def has_suffix(path: str | Path, suffixes: tuple[str, ...]) -> bool:
 
 
 def list_dicom_series(folder: str | Path) -> dict[str, int]:
-    """Series instance UIDs in ``folder`` with their number of files (read by GDCM, headers only)."""
-    import SimpleITK as sitk
-
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
-    return {uid: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+    """Series in ``folder`` as ``"N: UID (modality, K files)"`` -> K, numbered as ``--series N`` chooses them."""
+    return {s.describe(): len(s.slices) for s in scan_folder(Path(folder)).series}
 
 
 class SlabNibabelReader(NibabelReader):
@@ -73,21 +73,8 @@ class SlabNibabelReader(NibabelReader):
         return out
 
 
-def choose_reader(path: Path, series: str | None = None) -> ImageReader:
-    """The MONAI reader for ``path``; a DICOM folder with several series needs ``series``."""
-    if path.is_dir():
-        found = list_dicom_series(path)
-        if not found:
-            raise InputError(path, "folder holds no DICOM series")
-        if series is None and len(found) > 1:
-            listing = ", ".join(f"{uid} ({n} files)" for uid, n in found.items())
-            raise InputError(path, f"folder holds {len(found)} DICOM series; pick one with --series UID: {listing}")
-        if series is not None and series not in found:
-            raise InputError(path, f"no DICOM series {series}; found: {', '.join(found)}")
-        uid = series or next(iter(found))
-        # ITK (GDCM) sorts the slices by their position along the normal, not by file name,
-        # and decodes JPEG 2000 transfer syntaxes.
-        return ITKReader(series_name=uid)
+def choose_reader(path: Path) -> ImageReader:
+    """The MONAI reader for the image file ``path`` (DICOM folders: ``_read_series``)."""
     if has_suffix(path, NIFTI_SUFFIXES):
         return SlabNibabelReader()
     if has_suffix(path, ITK_SUFFIXES):
@@ -112,11 +99,15 @@ def load_image(
     spatial_dims: int | tuple[int, ...] | None = None,
     series: str | None = None,
     channels_in_file: int = 1,
+    accept_damaged: bool = False,
 ) -> MetaTensor:
     """Read one image (one file per channel) as a channel-first ``MetaTensor`` ``(C, *S)``.
 
     ``channels_in_file > 1``: a single file whose last axis holds that many channels (the Medical
     Segmentation Decathlon's 4D images) is read as those channels.
+
+    ``series``: which DICOM series of a folder (its number in the listing, or its UID);
+    ``accept_damaged``: read a series with missing, uneven or damaged slices instead of refusing it.
 
     Raises ``InputError`` naming the file for a missing or unreadable file and for an image whose
     dimensionality is not ``spatial_dims``.
@@ -126,7 +117,7 @@ def load_image(
         return _load_channels_in_file(files[0], spatial_dims, channels_in_file)
     channels = []
     for path in files:
-        img = _read(path, series)
+        img = _read(path, series, accept_damaged)
         img = _squeeze_to(img, path, spatial_dims)
         channels.append(img)
     first = channels[0]
@@ -142,17 +133,81 @@ def load_image(
     return out
 
 
-def _read(path: Path, series: str | None = None) -> MetaTensor:
+def _read(path: Path, series: str | None = None, accept_damaged: bool = False) -> MetaTensor:
     if not path.exists():
         raise InputError(path, "no such file or folder")
-    reader = choose_reader(path, series)
+    if path.is_dir():
+        return _read_series(path, series, accept_damaged)
+    check_claimed_size(path)
+    return _load(path, choose_reader(path))
+
+
+def _load(path: Path, reader: ImageReader, name: Path | None = None) -> MetaTensor:
+    """``reader`` alone reads ``path``: MONAI's fallback to every other reader (and its log line per
+    reader) would only bury the one reason, or read a PNG named ``.nii.gz``."""
     try:
-        img = LoadImage(reader=reader, image_only=True, ensure_channel_first=False)(str(path))
+        with native_output(name or path):
+            img = LoadImage(reader=reader, image_only=True, ensure_channel_first=False)(str(path), reader=reader)
     except InputError:
         raise
     except Exception as exc:  # readers raise many types; the user needs the file and the reason
-        raise InputError(path, f"cannot be read as an image ({root_cause(exc)})") from None
+        raise InputError(name or path, f"cannot be read as an image ({root_cause(exc)})") from None
+    return img  # type: ignore[no-any-return]
+
+
+def _read_series(folder: Path, series: str | None, accept_damaged: bool) -> MetaTensor:
+    """Check the chosen series (see ``dicom_series``) and read exactly its files with ITK (GDCM),
+    which orders them along the normal and decodes JPEG 2000."""
+    found = scan_folder(folder)
+    chosen = choose_series(folder, found, series)
+    problems = check_series(folder, chosen, found, accept_damaged)
+    if problems:
+        log.warning("%s: reading DICOM series %d as asked, despite: %s", folder, chosen.number, "; ".join(problems))
+    with tempfile.TemporaryDirectory(prefix="medunet-series-") as tmp:
+        img = _load(link_series(chosen, Path(tmp)), ITKReader(), name=folder)
+    img.meta["filename_or_obj"] = str(folder)
     return img
+
+
+def check_claimed_size(path: Path) -> None:
+    """Refuse a NIfTI whose header claims more voxel bytes than the file can hold, before allocating them.
+
+    Uncompressed: the file must reach the header's offset plus the voxels. gzip: deflate packs at most
+    1032 bytes into one, so a claim beyond 1032 times the file is impossible.
+    """
+    if not has_suffix(path, NIFTI_SUFFIXES):
+        return
+    import nibabel as nib
+
+    try:
+        header: Any = nib.load(str(path)).header
+        shape = tuple(int(v) for v in header.get_data_shape())
+        itemsize = np.dtype(header.get_data_dtype()).itemsize
+        offset = int(header.get_data_offset())
+    except Exception:
+        return  # not readable as NIfTI: the reader says why
+    if any(s < 0 for s in shape):
+        raise InputError(path, f"header gives a negative dimension {shape}")
+    claimed = math.prod(shape) * itemsize
+    size = path.stat().st_size
+    compressed = has_suffix(path, (".gz",))
+    if (compressed and claimed > MAX_DEFLATE_RATIO * size) or (not compressed and offset + claimed > size):
+        raise InputError(
+            path,
+            f"header claims {shape} voxels ({_bytes(claimed)}), more than the {_bytes(size)} file can hold; "
+            "the header or the file is damaged",
+        )
+
+
+MAX_DEFLATE_RATIO = 1032
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _load_channels_in_file(path: Path, spatial_dims: int | tuple[int, ...] | None, count: int) -> MetaTensor:

@@ -31,10 +31,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
-        yield tmp
         try:
+            yield tmp
             os.replace(tmp, path)
-        except OSError as exc:  # name the output, not the temporary file
+        except OSError as exc:  # a full disk, say: name the output, not the temporary file
+            if exc.strerror is None:
+                raise
             raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -48,12 +48,13 @@ def test_folder_with_two_series_needs_a_choice(data_dir: Path, tmp_path: Path) -
         ds.SOPInstanceUID = pydicom.uid.generate_uid()
         ds.save_as(tmp_path / f"b{i}.dcm")
     found = list_dicom_series(tmp_path)
-    assert len(found) == 2 and found[new_uid] == 4
-    with pytest.raises(InputError, match="2 DICOM series; pick one with --series"):
+    assert found == {"1: no SeriesInstanceUID (CT, 4 files)": 4, f"2: {new_uid} (CT, 4 files)": 4}
+    with pytest.raises(InputError, match="2 DICOM series; pick one with --series NUMBER: 1: no SeriesInstanceUID"):
         load_image(tmp_path, spatial_dims=3)
-    img = load_image(tmp_path, spatial_dims=3, series=new_uid)
-    assert img.shape == (1, 512, 512, 4)
-    with pytest.raises(InputError, match=r"no DICOM series 1\.2\.3"):
+    by_uid = load_image(tmp_path, spatial_dims=3, series=new_uid)
+    assert by_uid.shape == (1, 512, 512, 4)
+    np.testing.assert_array_equal(load_image(tmp_path, spatial_dims=3, series="2").numpy(), by_uid.numpy())
+    with pytest.raises(InputError, match=r"no DICOM series 1\.2\.3; choose by number: 1: "):
         load_image(tmp_path, spatial_dims=3, series="1.2.3")
 
 
