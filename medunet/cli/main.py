@@ -57,7 +57,8 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
         return
     # MONAI warns on every DICOM read about optional GPU codecs; MLflow and alembic narrate database set-up;
     # highdicom narrates each attribute module it copies (with instance UIDs)
-    for noisy in ("monai", "matplotlib", "PIL", "mlflow", "alembic", "highdicom"):
+    # nibabel narrates the header fields it mends (a zero voxel size read as 1)
+    for noisy in ("monai", "matplotlib", "PIL", "mlflow", "alembic", "highdicom", "nibabel"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 

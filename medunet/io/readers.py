@@ -58,6 +58,16 @@ class SlabNibabelReader(NibabelReader):
         # keep the file open between slabs: a .nii.gz is then decompressed once, front to back
         super().__init__(mmap=False, keep_file_open=True)
 
+    def read(self, data: Any, **kwargs: Any) -> Any:
+        """nibabel's image as the file states it. MONAI would "correct" a header whose pixdim disagrees
+        with its sform or qform by replacing one with the other, and so write the mask on another
+        grid than every viewer shows the scan on; nibabel's affine follows the NIfTI standard."""
+        import nibabel as nib
+
+        self.filenames = tuple(str(name) for name in ([data] if isinstance(data, str | Path) else data))
+        images = [nib.load(name, **{**self.kwargs, **kwargs}) for name in self.filenames]
+        return images if len(images) > 1 else images[0]
+
     def _get_array_data(self, img: Any, filename: Any) -> np.ndarray:
         proxy, shape = img.dataobj, tuple(img.shape)
         if len(shape) < 2 or not isinstance(proxy, ArrayProxy) or shape[-1] < 2:
@@ -139,7 +149,20 @@ def _read(path: Path, series: str | None = None, accept_damaged: bool = False) -
     if path.is_dir():
         return _read_series(path, series, accept_damaged)
     check_claimed_size(path)
-    return _load(path, choose_reader(path))
+    return _check_grid(_load(path, choose_reader(path)), path)
+
+
+def _check_grid(img: MetaTensor, path: Path) -> MetaTensor:
+    """Refuse an image whose header places it nowhere: an affine with NaN or infinity, or a singular one."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    dims = affine.shape[0] - 1
+    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:dims, :dims]))) < 1e-12:
+        raise InputError(
+            path, "header gives no usable voxel grid (its sform/qform or voxel size is NaN, zero or infinite)"
+        )
+    if any(s < 1 for s in img.shape):
+        raise InputError(path, f"image has an empty axis {tuple(img.shape)}")
+    return img
 
 
 def _load(path: Path, reader: ImageReader, name: Path | None = None) -> MetaTensor:
@@ -166,7 +189,7 @@ def _read_series(folder: Path, series: str | None, accept_damaged: bool) -> Meta
     with tempfile.TemporaryDirectory(prefix="medunet-series-") as tmp:
         img = _load(link_series(chosen, Path(tmp)), ITKReader(), name=folder)
     img.meta["filename_or_obj"] = str(folder)
-    return img
+    return _check_grid(img, folder)
 
 
 def check_claimed_size(path: Path) -> None:
