@@ -99,9 +99,11 @@ def _run(fn: Callable[[], T]) -> T:
             file=sys.stderr,
         )
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see medunet.runtime)
+        from medunet.runtime import Terminated
+
         print("medunet: interrupted", file=sys.stderr)
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     except RuntimeError as exc:
         cause = user_error_in(exc)
         if cause is None:
