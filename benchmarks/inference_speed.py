@@ -45,6 +45,7 @@ from monai.inferers import SlidingWindowInferer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from volumes import REPO, tiled_volume
 
+from medunet import runtime
 from medunet.evaluation import dice_per_class
 from medunet.inference import load_model
 from medunet.inference.predictor import InferOptions, _to_input_grid, prepare, segment_prepared
@@ -126,6 +127,7 @@ def dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> list[float]:
 
 
 def main() -> None:
+    runtime.enable_allocator_tuning()  # as the medunet command runs inference
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "bundles" / "hippocampus_mri_3d"))
     parser.add_argument("--grid", type=int, nargs=3, default=(6, 4, 4), help="hippocampus boxes per axis")

@@ -7,7 +7,9 @@ application keeps its own stderr, signal handlers and warning filters. ``medunet
 - captures what native libraries (ITK, GDCM) print straight to the process's stderr while a file
   is read, so that a problem is medunet's one line; ``-v`` logs the captured text;
 - turns SIGTERM into the same clean stop as Ctrl-C (temporary files removed, statistics of the scans
-  already written kept).
+  already written kept);
+- lets inference tune glibc's allocator while windows run (``enable_allocator_tuning``; see
+  ``medunet.inference.tiling.freed_pages_kept``). A host application may opt in the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 _capture_native = False
+_allocator_tuning = False
 
 
 def configure_cli() -> None:
@@ -32,6 +35,18 @@ def configure_cli() -> None:
     global _capture_native
     _capture_native = True
     signal.signal(signal.SIGTERM, _terminated)
+    enable_allocator_tuning()
+
+
+def enable_allocator_tuning(enabled: bool = True) -> None:
+    """Allow inference to change glibc's malloc thresholds for the process while windows run (faster
+    on large scans; the thresholds are process-wide, so a library leaves them alone unless asked)."""
+    global _allocator_tuning
+    _allocator_tuning = enabled
+
+
+def allocator_tuning() -> bool:
+    return _allocator_tuning
 
 
 class Terminated(KeyboardInterrupt):

@@ -18,9 +18,11 @@ import os
 import re
 import resource
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from medunet import runtime
 from medunet.config import NetworkConfig
 from medunet.networks.topology import level_strides, total_stride
 from medunet.networks.topology import receptive_field as axis_fields
@@ -95,6 +97,10 @@ _LARGEST_THRESHOLD = 2**31 - 1  # mallopt takes an int
 _STEADY_MMAP_THRESHOLD = 32 * MiB  # where glibc's own sliding threshold ends up after large frees
 
 
+_tuning_lock = threading.Lock()
+_tuned_callers = 0
+
+
 @contextlib.contextmanager
 def freed_pages_kept() -> Iterator[None]:
     """Keep the pages of freed tensors in this process while windows run, then hand them back.
@@ -103,21 +109,32 @@ def freed_pages_kept() -> Iterator[None]:
     freed, so each layer's new map of a large window starts on fresh pages that the kernel faults
     in and zeroes one by one: on this project's CPU machines that was a third of the process's time
     on a BraTS scan. Inside this context blocks up to 2 GiB come from the heap and stay there for
-    the next layer; on exit the free pages go back (``malloc_trim``). Elsewhere than glibc it does
-    nothing.
+    the next layer; when the last caller leaves, the free pages go back (``malloc_trim``).
+
+    The thresholds belong to the whole process, so this acts only where the process allowed it
+    (``medunet.runtime.enable_allocator_tuning``: the command line does); callers in several threads
+    share one setting, counted, so one leaving does not undo it under another. Elsewhere than glibc it
+    does nothing.
     """
+    global _tuned_callers
     mallopt, trim = _mallopt(), _malloc_trim()
-    if mallopt is None or trim is None:
+    if mallopt is None or trim is None or not runtime.allocator_tuning():
         yield
         return
-    mallopt(_M_MMAP_THRESHOLD, _LARGEST_THRESHOLD)
-    mallopt(_M_TRIM_THRESHOLD, _LARGEST_THRESHOLD)
+    with _tuning_lock:
+        _tuned_callers += 1
+        if _tuned_callers == 1:
+            mallopt(_M_MMAP_THRESHOLD, _LARGEST_THRESHOLD)
+            mallopt(_M_TRIM_THRESHOLD, _LARGEST_THRESHOLD)
     try:
         yield
     finally:
-        mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP_THRESHOLD)
-        mallopt(_M_TRIM_THRESHOLD, 2 * _STEADY_MMAP_THRESHOLD)  # glibc's ratio to the sliding threshold
-        trim(0)
+        with _tuning_lock:
+            _tuned_callers -= 1
+            if _tuned_callers == 0:
+                mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP_THRESHOLD)
+                mallopt(_M_TRIM_THRESHOLD, 2 * _STEADY_MMAP_THRESHOLD)  # glibc's ratio to the sliding threshold
+                trim(0)
 
 
 def release_free_memory() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import logging
 import os
 import subprocess
 import sys
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -125,18 +127,33 @@ def test_tracking_server_and_serving(tiny_config: Path, tmp_path: Path, mlflow_s
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", 180, serve)
-        img, _ = make_blob_case(tmp_path, "served", seed=6)
-        body = json.dumps({"dataframe_records": [{"image": base64.b64encode(img.read_bytes()).decode()}]}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())["predictions"][0]
+        scans = [make_blob_case(tmp_path, f"served{k}", seed=6 + k)[0] for k in range(3)]
+
+        def ask(img: Path) -> dict:
+            body = json.dumps({"dataframe_records": [{"image": base64.b64encode(img.read_bytes()).decode()}]})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return json.loads(response.read())["predictions"][0]  # type: ignore[no-any-return]
+
+        img = scans[0]
+        answer = ask(img)
         mask = tmp_path / "served_mask.nii.gz"
         mask.write_bytes(base64.b64decode(answer["mask"]))
         assert nib.load(mask).shape == nib.load(img).shape
         np.testing.assert_allclose(nib.load(mask).affine, nib.load(img).affine)
         assert json.loads(answer["shape"]) == list(nib.load(img).shape)
+
+        def labels(answer: dict) -> np.ndarray:
+            return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(answer["mask"]))).dataobj)
+
+        # several requests at once (the server runs them in threads) get the masks they get alone
+        alone = [labels(ask(scan)) for scan in scans]
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            together = list(pool.map(ask, scans * 2))
+        for k, answer in enumerate(together):
+            np.testing.assert_array_equal(labels(answer), alone[k % 3])
     finally:
         serve.terminate()
         serve.wait(timeout=30)
