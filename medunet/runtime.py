@@ -1,11 +1,12 @@
 """Process-wide settings, applied by the command line's entry point only.
 
 The Python API (``medunet.segment``, ``load_model``, ``load_image``) changes nothing global: a host
-application keeps its own stderr, signal handlers and warning filters. ``medunet``'s ``main()`` calls
-``configure_cli``, which
+application keeps its own stderr, signal handlers and warning filters. The ``medunet`` command
+(``configure_cli`` in its ``main()``, ``quiet_native_warnings`` where each command sets up its log)
 
-- captures what native libraries (ITK, GDCM) print straight to the process's stderr while a file
-  is read, so that a problem is medunet's one line; ``-v`` logs the captured text;
+- switches off ITK's (and GDCM's) warnings, which its C++ code prints straight to the process's
+  stderr, unless ``-v`` asks for them: medunet states each problem in its own words, once (a damaged
+  DICOM series, say, is checked and described before ITK reads it);
 - turns SIGTERM into the same clean stop as Ctrl-C (temporary files removed, statistics of the scans
   already written kept);
 - lets inference tune glibc's allocator while windows run (``enable_allocator_tuning``; see
@@ -14,28 +15,34 @@ application keeps its own stderr, signal handlers and warning filters. ``medunet
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import signal
-import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from types import FrameType
 
-log = logging.getLogger(__name__)
-
-_capture_native = False
+_quiet_native = False
+_itk_quieted = False
 _allocator_tuning = False
 
 
 def configure_cli() -> None:
     """What the ``medunet`` command sets for its own process (see the module's docstring)."""
-    global _capture_native
-    _capture_native = True
     signal.signal(signal.SIGTERM, _terminated)
     enable_allocator_tuning()
+
+
+def quiet_native_warnings(quiet: bool = True) -> None:
+    """Keep ITK's C++ warnings off stderr (the command line at default verbosity)."""
+    global _quiet_native
+    _quiet_native = quiet
+
+
+def before_itk_read() -> None:
+    """Called before ITK reads a file: applies ``quiet_native_warnings`` once, where it was asked for."""
+    global _itk_quieted
+    if _quiet_native and not _itk_quieted:
+        import itk
+
+        itk.Object.SetGlobalWarningDisplay(False)
+        _itk_quieted = True
 
 
 def enable_allocator_tuning(enabled: bool = True) -> None:
@@ -55,25 +62,3 @@ class Terminated(KeyboardInterrupt):
 
 def _terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated
-
-
-@contextlib.contextmanager
-def native_output(name: str | Path) -> Iterator[None]:
-    """Under the command line, hold what native code writes to stderr (fd 2) during the block and log
-    it at debug level (``-v``) afterwards, once, naming the file; elsewhere do nothing."""
-    if not _capture_native:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            text = sink.read().decode(errors="replace").strip()
-            if text:
-                log.debug("%s: the image reader printed:\n%s", name, text)

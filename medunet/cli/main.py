@@ -43,6 +43,10 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
 
     from rich.logging import RichHandler
 
+    from medunet import runtime
+
+    runtime.quiet_native_warnings(not verbose)
+
     handler: logging.Handler
     if sys.stderr.isatty():
         handler = RichHandler(show_path=False, show_time=False, console=_stderr())
@@ -419,7 +423,7 @@ def infer(
             raise ValueError(f"--tta: {ref} was trained without mirroring, so mirrored copies would only hurt it")
         jobs = plan_jobs(expand_inputs(inputs), output, seg_model.preprocess.spatial_dims)
         extras = Extras(stats=stats, qc=qc, dicom_seg=dicom_seg)
-        check_outputs(jobs, probabilities, extras)
+        check_outputs(jobs, probabilities, extras, [Path(arg) for arg in inputs if Path(arg).is_dir()])
         columns = [TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=_stderr(), transient=True, disable=quiet or len(jobs) < 2) as bar:
             task = bar.add_task("segmenting", total=len(jobs))

@@ -183,11 +183,12 @@ def job_outputs(job: Job, n_jobs: int, probabilities: bool, extras: Extras) -> l
     return [*out, job.output]
 
 
-def check_outputs(jobs: Sequence[Job], probabilities: bool, extras: Extras) -> None:
+def check_outputs(jobs: Sequence[Job], probabilities: bool, extras: Extras, input_folders: Sequence[Path] = ()) -> None:
     """Before anything is read: refuse an output that is an input of the run, or that lies in a DICOM
-    folder or folder of scans given as input; and an output folder that cannot be written."""
+    folder or in a folder of scans given as input (``input_folders``), where a later run would take it
+    for a scan; and an output folder that cannot be written."""
     inputs = {_real(p) for job in jobs for p in job.inputs}
-    folders = {p for p in inputs if os.path.isdir(p)}
+    folders = {p for p in inputs if os.path.isdir(p)} | {_real(p) for p in input_folders}
     outputs = [p for job in jobs for p in job_outputs(job, len(jobs), probabilities, extras)]
     if extras.stats is not None:
         outputs.append(extras.stats)

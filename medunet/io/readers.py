@@ -21,9 +21,9 @@ from monai.data.image_reader import ImageReader, ITKReader, NibabelReader, PILRe
 from monai.transforms import LoadImage
 from nibabel.arrayproxy import ArrayProxy
 
+from medunet import runtime
 from medunet.errors import InputError
 from medunet.io.dicom_series import check_series, choose_series, link_series, scan_folder
-from medunet.runtime import native_output
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +168,10 @@ def _check_grid(img: MetaTensor, path: Path) -> MetaTensor:
 def _load(path: Path, reader: ImageReader, name: Path | None = None) -> MetaTensor:
     """``reader`` alone reads ``path``: MONAI's fallback to every other reader (and its log line per
     reader) would only bury the one reason, or read a PNG named ``.nii.gz``."""
+    if isinstance(reader, ITKReader):
+        runtime.before_itk_read()
     try:
-        with native_output(name or path):
-            img = LoadImage(reader=reader, image_only=True, ensure_channel_first=False)(str(path), reader=reader)
+        img = LoadImage(reader=reader, image_only=True, ensure_channel_first=False)(str(path), reader=reader)
     except InputError:
         raise
     except Exception as exc:  # readers raise many types; the user needs the file and the reason

@@ -53,7 +53,12 @@ def test_an_output_that_is_an_input_is_refused_before_anything_runs(tmp_path: Pa
     shutil.copy(SCAN, folder / "a.nii.gz")
     into_itself = medunet("infer", str(folder), "-o", str(folder), "--model", MODEL)
     assert into_itself.returncode == 1 and "is an input of this run" in into_itself.stderr
-    assert sorted(p.name for p in folder.iterdir()) == ["a.nii.gz"]
+    other = tmp_path / "uncompressed"
+    other.mkdir()
+    nib.save(nib.load(SCAN), other / "b.nii")  # its mask would be b.nii.gz: no input's name, but among the scans
+    beside = medunet("infer", str(other), "-o", str(other), "--model", MODEL)
+    assert beside.returncode == 1 and "would be written into an input folder" in beside.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["b.nii"]
 
     stats = medunet("infer", str(scan), "-o", str(tmp_path / "m.nii.gz"), "--model", MODEL, "--stats", str(scan))
     assert stats.returncode == 1 and "is an input of this run" in stats.stderr and digest(scan) == before

@@ -204,10 +204,23 @@ def test_memory_a_previous_scan_freed_is_not_counted_as_taken() -> None:
 @pytest.mark.skipif(_mallopt() is None or _malloc_trim() is None, reason="glibc's mallopt is not in this C library")
 def test_freed_pages_stay_while_windows_run_and_go_back_after() -> None:
     """Inside ``freed_pages_kept`` a freed 256 MiB map stays for the next layer instead of being
-    unmapped (and faulted in again); on exit it is handed back and glibc unmaps large blocks again."""
-    code = (
+    unmapped (and faulted in again); on exit it is handed back and glibc unmaps large blocks again.
+    Only where the process allowed it, as the command line does: a library caller's allocator is left alone."""
+    untouched = (
         "import torch\n"
         "from medunet.inference.tiling import MiB, freed_pages_kept, release_free_memory, resident_memory\n"
+        "release_free_memory(); before = resident_memory()\n"
+        "with freed_pages_kept():\n"
+        "    big = torch.ones(64 * MiB); del big\n"
+        "    kept = resident_memory() - before\n"
+        "print(kept // MiB, 0, 0)"
+    )
+    assert _numbers_printed_by(untouched)[0] <= 16
+    code = (
+        "import torch\n"
+        "from medunet import runtime\n"
+        "from medunet.inference.tiling import MiB, freed_pages_kept, release_free_memory, resident_memory\n"
+        "runtime.enable_allocator_tuning()\n"
         "release_free_memory(); before = resident_memory()\n"
         "with freed_pages_kept():\n"
         "    big = torch.ones(64 * MiB); del big\n"

@@ -99,7 +99,9 @@ def test_a_bad_label_file_is_one_line_and_exit_1_while_other_cases_still_load(da
     proc = subprocess.run(train_cmd(cfg, tmp_path / "run", "--no-tracking"), capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
     lines = error_lines(proc)
-    assert len(lines) == 1 and "OTMultiClass.nii.gz: label values [0, 1, 2, 3, 4] are not all in label_map" in lines[0]
+    assert (
+        len(lines) == 1 and "OTMultiClass.nii.gz: label values [0, 1, 2, 3, 4] are not all in label_map" in lines[0]
+    ), proc.stderr
     assert "terminate called" not in proc.stderr
 
 
