@@ -15,9 +15,13 @@ application keeps its own stderr, signal handlers and warning filters. The ``med
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
+from collections.abc import Iterator
 from types import FrameType
 
+_cli = False
 _quiet_native = False
 _itk_quieted = False
 _allocator_tuning = False
@@ -25,6 +29,8 @@ _allocator_tuning = False
 
 def configure_cli() -> None:
     """What the ``medunet`` command sets for its own process (see the module's docstring)."""
+    global _cli
+    _cli = True
     signal.signal(signal.SIGTERM, _terminated)
     enable_allocator_tuning()
 
@@ -62,3 +68,21 @@ class Terminated(KeyboardInterrupt):
 
 def _terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM during a short step that must not be cut in two (an output written and
+    recorded), then act on them. Only under the command line, in its main thread; elsewhere nothing."""
+    if not _cli or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        if caught:
+            raise Terminated if caught[0] == signal.SIGTERM else KeyboardInterrupt

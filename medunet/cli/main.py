@@ -444,10 +444,10 @@ def infer(
             print(f"wrote {path}")
         if result.skipped:
             print(f"skipped {len(result.skipped)} scan(s) whose mask exists")
-        if stats is not None:
+        if stats is not None and result.stats_error is None:
             print(f"wrote {stats}")
-        if result.failed:
-            if len(jobs) > 1:
+        if result.failed or result.stats_error:
+            if len(jobs) > 1 and result.failed:
                 print(f"medunet: error: {len(result.failed)} of {len(jobs)} scans failed", file=sys.stderr)
             raise typer.Exit(1)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medunet import runtime
 from medunet.errors import InputError, MedunetError
 from medunet.evaluation.pictures import qc_picture
 from medunet.inference.model import SegmentationModel
@@ -44,6 +45,7 @@ class BatchResult:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    stats_error: str | None = None  # why the statistics CSV could not be written
 
 
 def scan_name(path: Path) -> str:
@@ -128,6 +130,20 @@ def label_statistics(seg: Segmentation, model: SegmentationModel, scan: str) -> 
     return rows
 
 
+def mask_statistics(mask: Path, model: SegmentationModel) -> list[dict[str, object]]:
+    """``label_statistics`` of a mask already written (a scan that ``--resume`` skips without an
+    earlier statistics row)."""
+    from medunet.io.readers import load_image
+
+    image = load_image(mask)
+    values = image[0].round().to(torch.int64)
+    classes = torch.zeros_like(values, dtype=torch.uint8)
+    for c, value in enumerate(model.label_values):
+        classes[values == int(value)] = c
+    seg = Segmentation(labels=classes, affine=np.asarray(image.affine), probabilities=None, source=str(mask))
+    return label_statistics(seg, model, scan_name(mask))
+
+
 def write_statistics(rows: Sequence[dict[str, object]], path: Path) -> Path:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=STATS_COLUMNS)
@@ -195,9 +211,9 @@ def check_outputs(jobs: Sequence[Job], probabilities: bool, extras: Extras, inpu
     for path in outputs:
         real = _real(path)
         if real in inputs:
-            raise InputError(path, "is an input of this run; writing there would destroy it (choose another --output)")
-        if os.path.dirname(real) in folders:
-            raise InputError(path, "would be written into an input folder (choose another --output)")
+            raise InputError(path, "is an input of this run; writing there would destroy it (choose another path)")
+        if any(Path(real).is_relative_to(folder) for folder in folders):
+            raise InputError(path, "would be written into an input folder (choose another path)")
     for folder in sorted({_real(p.parent) for p in outputs}):
         check_writable(Path(folder))
 
@@ -216,11 +232,13 @@ def check_writable(folder: Path) -> None:
         raise InputError(folder, f"output folder cannot be written ({exc.strerror or exc})") from None
 
 
-def describe_failure(job: Job, exc: BaseException) -> str:
+def describe_failure(job: Job, exc: BaseException, outputs: Sequence[Path]) -> str:
     if isinstance(exc, MedunetError):
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror:
-        where = f"cannot write {exc.filename}: " if exc.filename else ""
+        if exc.filename and str(exc.filename) in {str(p) for p in outputs}:
+            return f"{job.name}: cannot write {exc.filename}: {exc.strerror}"
+        where = f"{exc.filename}: " if exc.filename and str(exc.filename) != job.name else ""
         return f"{job.name}: {where}{exc.strerror}"
     return f"{job.name}: {type(exc).__name__}: {exc}"
 
@@ -255,7 +273,8 @@ def run_jobs(
             try:
                 if skip_existing and job.output.exists():
                     result.skipped.append(job.output)
-                    rows += [r for r in earlier if r.get("scan") == scan_name(job.output)]
+                    kept = [r for r in earlier if r.get("scan") == scan_name(job.output)]
+                    rows += kept or (mask_statistics(job.output, model) if more.stats is not None else [])
                     continue
                 if more.dicom_seg and not job.inputs[0].is_dir():
                     raise InputError(job.inputs[0], "--dicom-seg needs a DICOM series folder as input")
@@ -266,24 +285,27 @@ def run_jobs(
                 if more.dicom_seg and not seg.labels.any():
                     log.warning("%s: no label found, so no DICOM SEG (it needs a segment)", job.name)
                 elif more.dicom_seg:
-                    written.append(seg_path(job.output))
                     write_dicom_seg(
                         seg.labels.numpy(), seg.affine, job.inputs[0], seg_path(job.output),
                         model.label_names, Path(model.source).name, series,
                     )  # fmt: skip
+                    written.append(seg_path(job.output))
                 qc = more.qc_path(job, len(jobs))
                 if qc is not None and seg.scan is not None:
-                    written.append(qc)
                     labels = seg.labels.numpy()
                     qc_picture(seg.scan, labels, model.label_names, qc, scan_name(job.output), seg.spacing)
+                    written.append(qc)
                 if seg.probabilities is not None:
-                    written.append(probs_path(job.output))
-                result.written.append(write_segmentation(seg, model, job.output))
-                written.clear()  # complete: the mask exists
-                rows += label_statistics(seg, model, scan_name(job.output))
+                    written.append(probs_path(job.output))  # written before the mask, in one call
+                job_rows = label_statistics(seg, model, scan_name(job.output))
+                with runtime.signals_held():  # a mask that exists has its statistics row
+                    write_segmentation(seg, model, job.output)
+                    written.clear()  # complete: the mask exists
+                    result.written.append(job.output)
+                    rows += job_rows
                 del seg  # before the next scan is planned against the memory budget
             except JOB_ERRORS as exc:
-                message = describe_failure(job, exc)
+                message = describe_failure(job, exc, job_outputs(job, len(jobs), opts.probabilities, more))
                 result.failed.append((job.name, message))
                 report(message)
             finally:
@@ -296,7 +318,6 @@ def run_jobs(
             try:
                 write_statistics(rows, more.stats)
             except OSError as exc:
-                message = f"{more.stats}: cannot write the statistics ({exc.strerror or exc})"
-                result.failed.append((str(more.stats), message))
-                report(message)
+                result.stats_error = f"{more.stats}: cannot write the statistics ({exc.strerror or exc})"
+                report(result.stats_error)
     return result

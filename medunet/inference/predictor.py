@@ -333,8 +333,8 @@ def segment(
 
 
 def no_signal(image: torch.Tensor, channels: Sequence[str]) -> str | None:
-    """What makes ``image`` blank, when every channel holds a single value (NaN aside): e.g. "every
-    voxel is 0"; ``None`` for a scan with signal."""
+    """What makes ``image`` blank, when every channel holds a single value: e.g. "every voxel is 0";
+    ``None`` for a scan with signal (a NaN is refused later, in ``prepare``)."""
     values = []
     for c in range(image.shape[0]):
         lo, hi = intensity_range(image[c])

@@ -23,7 +23,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
 def load_failure(exc: BaseException) -> str:
     """``torch.load``'s failure in one phrase; a file that would run code when unpickled says which code."""
     text = str(exc)
-    refused = re.search(r"(?:unsupported GLOBAL|global) ([\w.]+)", text)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
     if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
         what = f" ({refused.group(1)})" if refused else ""
         return f"refused: it holds Python objects that would run code when loaded{what}; medunet loads weights only"

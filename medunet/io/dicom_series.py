@@ -12,8 +12,8 @@ even where a series has no SeriesInstanceUID. Nothing from the patient module is
 from __future__ import annotations
 
 import math
-import os
 import struct
+from collections import Counter
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +27,13 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 # Positions along the slice normal closer than this share a slice (mm); steps that differ from the
-# series' median step by more than STEP_TOLERANCE of it (plus 0.01 mm) are uneven.
+# series' median step by more than STEP_TOLERANCE of it plus STEP_SLACK_MM are uneven (the slack lets
+# positions rounded to 0.1 mm pass).
 SAME_POSITION_MM = 1e-3
-STEP_TOLERANCE = 0.01
+STEP_TOLERANCE = 0.05
+STEP_SLACK_MM = 0.05
 ORIENTATION_TOLERANCE = 1e-4
+DEFLATED = "1.2.840.10008.1.2.1.99"
 ITEM_TAG = 0xFFFEE000
 SEQUENCE_DELIMITER = 0xFFFEE0DD
 
@@ -75,24 +78,24 @@ def scan_folder(folder: Path) -> Folder:
     Files that are not DICOM, and DICOM objects without pixels (reports, presentation states), are
     passed over; DICOM image files that end early or lack their pixels are listed as damaged.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     by_uid: dict[str, Series] = {}
     damaged: list[tuple[Path, str]] = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    try:
+        paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError as exc:
+        raise InputError(folder, f"cannot list the folder ({exc.strerror or exc})") from None
+    for path in paths:
         try:
-            with open(path, "rb") as fp:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True)
-                problem = _pixel_problem(fp, ds, path.stat().st_size)
-        except InvalidDicomError:
-            continue  # not DICOM
+            ds, problem = _read_header(path)
+        except OSError as exc:
+            damaged.append((path, f"cannot be opened: {exc.strerror or exc}"))
+            continue
         except Exception as exc:  # a header that pydicom cannot parse
             if _has_dicom_preamble(path):
                 damaged.append((path, f"unreadable header ({type(exc).__name__})"))
             continue
-        if not _is_image(ds):
-            continue
+        if ds is None or not _is_image(ds):
+            continue  # not DICOM, or a DICOM object without pixels
         if problem is not None:
             damaged.append((path, problem))
             continue
@@ -102,7 +105,52 @@ def scan_folder(folder: Path) -> Folder:
     ordered = sorted(by_uid.values(), key=lambda s: (s.uid, s.slices[0].path.name))
     for number, series in enumerate(ordered, start=1):
         series.number = number
+        series.slices.sort(key=_along_normal)
     return Folder(ordered, damaged)
+
+
+def _read_header(path: Path) -> tuple[Dataset | None, str | None]:
+    """The header of a DICOM file (``None`` for another kind of file) and what is wrong with its pixels.
+
+    Files without the 128-byte preamble (older DICOM) are read as well, where they hold an image.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    with open(path, "rb") as fp:
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        except InvalidDicomError:
+            fp.seek(0)
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+            except Exception:
+                return None, None
+            if "SOPClassUID" not in ds or "Rows" not in ds:
+                return None, None
+        return ds, _pixel_problem(fp, ds, path.stat().st_size)
+
+
+def _along_normal(s: Slice) -> tuple[float, str]:
+    """Position along the slice normal (ITK's order), then the file name."""
+    if s.position is None or s.orientation is None:
+        return (math.inf, s.path.name)
+    normal = np.cross(s.orientation[:3], s.orientation[3:])
+    return (float(np.dot(normal, s.position)), s.path.name)
+
+
+def volume_slices(series: Series) -> tuple[list[Path], str]:
+    """The slices of a damaged series that can stack into one volume (with a position, and of the
+    most common size and orientation), and a note of what was left out."""
+    placed = [s for s in series.slices if s.position is not None and s.orientation is not None]
+    if not placed:
+        return series.files, ""
+    kinds = Counter((s.size, tuple(round(v, 4) for v in s.orientation or ())) for s in placed)
+    common = kinds.most_common(1)[0][0]
+    kept = [s for s in placed if (s.size, tuple(round(v, 4) for v in s.orientation or ())) == common]
+    left = len(series.slices) - len(kept)
+    return [s.path for s in kept], (f"{_count(range(left), 'slice')} of another size or orientation, or without "
+                                    "position, left out" if left else "")  # fmt: skip
 
 
 def choose_series(folder: Path, found: Folder, series: str | None) -> Series:
@@ -164,7 +212,7 @@ def _spacing_problems(along: np.ndarray, steps: np.ndarray, gap_expected: bool) 
     if steps.size == 0:
         return []
     step = float(np.median(steps))
-    tolerance = STEP_TOLERANCE * step + 0.01
+    tolerance = STEP_TOLERANCE * step + STEP_SLACK_MM
     if float(np.abs(steps - step).max()) <= tolerance:
         return []
     missing: list[float] = []
@@ -253,10 +301,13 @@ def _has_dicom_preamble(path: Path) -> bool:
 
 def _pixel_problem(f: BinaryIO, ds: Dataset, file_size: int) -> str | None:
     """Whether the pixel data that follows the header (``f`` stands at its tag) is complete."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or syntax == DEFLATED:
+        return None  # no stated syntax, or a deflated stream (pydicom inflated it): ITK decides
     start = f.tell()
     if start >= file_size:
         return f"the file ends at {file_size} bytes, before its pixel data"
-    syntax = ds.file_meta.TransferSyntaxUID
     little = syntax.is_little_endian
     implicit = syntax.is_implicit_VR
     endian = "<" if little else ">"
@@ -302,12 +353,3 @@ def _pixel_problem(f: BinaryIO, ds: Dataset, file_size: int) -> str | None:
 
 def _short(size: int, needed: int) -> str:
     return f"truncated: {size} bytes, its pixel data needs {needed}"
-
-
-def link_series(series: Series, into: Path) -> Path:
-    """A folder in ``into`` holding links to exactly the files of ``series``, for ITK to read as one."""
-    folder = into / "series"
-    folder.mkdir()
-    for k, s in enumerate(series.slices):
-        os.symlink(s.path.resolve(), folder / f"{k:06d}.dcm")
-    return folder

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from nibabel.arrayproxy import ArrayProxy
 
 from medunet import runtime
 from medunet.errors import InputError
-from medunet.io.dicom_series import check_series, choose_series, link_series, scan_folder
+from medunet.io.dicom_series import check_series, choose_series, scan_folder, volume_slices
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +97,9 @@ def root_cause(exc: BaseException) -> str:
     """One line for an exception from a reader: MONAI wraps the reader's error, traceback text included,
     so take the first ``SomeError: message`` line, without the error's module path."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    itk = [line.split("):", 1)[1].strip() for line in lines if line.startswith("ITK ERROR:") and "):" in line]
+    if itk:  # ITK's own reason, not the C++ file and line it was raised at
+        return f"ITK: {itk[0]}"
     causes = [line for line in lines if re.match(r"^[A-Za-z_.]+(Error|Exception): ", line)]
     text = causes[0] if causes else f"{type(exc).__name__}: {lines[0] if lines else ''}"
     name, _, message = text.partition(": ")
@@ -156,7 +158,11 @@ def _check_grid(img: MetaTensor, path: Path) -> MetaTensor:
     """Refuse an image whose header places it nowhere: an affine with NaN or infinity, or a singular one."""
     affine = np.asarray(img.affine, dtype=np.float64)
     dims = affine.shape[0] - 1
-    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:dims, :dims]))) < 1e-12:
+    axes = affine[:dims, :dims]
+    sizes = np.linalg.norm(axes, axis=0) if np.isfinite(affine).all() else np.zeros(dims)
+    # a degenerate grid: an axis of no length, or two axes (nearly) along one direction; tiny voxels
+    # (micrometres in mm, or in metres) are fine
+    if not (sizes > 0).all() or abs(float(np.linalg.det(axes))) < 1e-6 * float(np.prod(sizes)):
         raise InputError(
             path, "header gives no usable voxel grid (its sform/qform or voxel size is NaN, zero or infinite)"
         )
@@ -179,16 +185,38 @@ def _load(path: Path, reader: ImageReader, name: Path | None = None) -> MetaTens
     return img  # type: ignore[no-any-return]
 
 
+class SeriesReader(ITKReader):
+    """MONAI's ``ITKReader`` reading exactly the given slice files, in the given order, as one volume.
+
+    Given a folder, ITK (GDCM) would split one series by its details (series number, slice
+    thickness, size, date) and read only the first part; the files here are the series that
+    ``dicom_series`` chose and checked, ordered along the slice normal.
+    """
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        super().__init__()
+        self.files = [str(f) for f in files]
+
+    def read(self, data: Any, **kwargs: Any) -> Any:
+        import itk
+
+        return itk.imread(self.files[0] if len(self.files) == 1 else self.files, **{**self.kwargs, **kwargs})
+
+
 def _read_series(folder: Path, series: str | None, accept_damaged: bool) -> MetaTensor:
-    """Check the chosen series (see ``dicom_series``) and read exactly its files with ITK (GDCM),
-    which orders them along the normal and decodes JPEG 2000."""
+    """Check the chosen series (see ``dicom_series``) and read exactly its slices with ITK (GDCM,
+    which decodes JPEG 2000)."""
     found = scan_folder(folder)
     chosen = choose_series(folder, found, series)
     problems = check_series(folder, chosen, found, accept_damaged)
+    files = chosen.files
     if problems:
-        log.warning("%s: reading DICOM series %d as asked, despite: %s", folder, chosen.number, "; ".join(problems))
-    with tempfile.TemporaryDirectory(prefix="medunet-series-") as tmp:
-        img = _load(link_series(chosen, Path(tmp)), ITKReader(), name=folder)
+        files, dropped = volume_slices(chosen)
+        note = f"; {dropped}" if dropped else ""
+        log.warning(
+            "%s: reading DICOM series %d as asked, despite: %s%s", folder, chosen.number, "; ".join(problems), note
+        )
+    img = _load(folder, SeriesReader(files), name=folder)
     img.meta["filename_or_obj"] = str(folder)
     return _check_grid(img, folder)
 

@@ -44,7 +44,7 @@ def test_an_output_that_is_an_input_is_refused_before_anything_runs(tmp_path: Pa
     same = medunet("infer", str(scan), "-o", str(scan), "--model", MODEL)
     assert same.returncode == 1
     assert stderr_lines(same) == [
-        f"medunet: error: {scan}: is an input of this run; writing there would destroy it (choose another --output)"
+        f"medunet: error: {scan}: is an input of this run; writing there would destroy it (choose another path)"
     ]
     assert digest(scan) == before
 

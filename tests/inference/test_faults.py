@@ -141,6 +141,9 @@ def test_a_stopped_batch_leaves_whole_scans_and_resume_finishes_it(data_dir: Pat
     rows = stats_rows(stats)
     assert sorted(f"{r['scan']}.nii.gz" for r in rows[::2]) == sorted(p.name for p in scans.iterdir())
     assert len(rows) == 2 * 8
+    stats.unlink()  # as after a run killed before it could write its CSV: counted from the masks
+    again = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and stats_rows(stats) == rows
 
 
 def test_an_unwritable_output_folder_is_found_before_any_scan_is_read(tmp_path: Path) -> None:

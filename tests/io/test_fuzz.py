@@ -166,6 +166,7 @@ def test_a_header_claiming_gigabytes_is_refused_before_allocating(model, tmp_pat
 DEFECTS = [
     "none",
     "non_image_object",
+    "other_series_details",  # one slice with another series number and thickness: still one series
     "missing_position",
     "other_orientation",
     "other_size",
@@ -174,7 +175,7 @@ DEFECTS = [
     "uneven_spacing",
     "truncated_file",
 ]
-REFUSED = set(DEFECTS) - {"none", "non_image_object"}
+REFUSED = set(DEFECTS) - {"none", "non_image_object", "other_series_details"}
 
 
 def dicom_slice(path: Path, series: str, k: int, position: list[float] | None, rows: int, cols: int) -> None:
@@ -218,6 +219,10 @@ def broken_series(folder: Path, defect: str, n: int, step: float, rows: int, col
     if defect == "other_orientation":
         ds = pydicom.dcmread(folder / f"im{which:03d}.dcm")
         ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        ds.save_as(folder / f"im{which:03d}.dcm")
+    if defect == "other_series_details":
+        ds = pydicom.dcmread(folder / f"im{which:03d}.dcm")
+        ds.SeriesNumber, ds.SliceThickness = 7, 3.0
         ds.save_as(folder / f"im{which:03d}.dcm")
     if defect == "truncated_file":
         victim = folder / f"im{max(1, min(which, n - 2)):03d}.dcm"

@@ -185,3 +185,19 @@ def test_loading_a_large_nifti_holds_one_copy(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     growth, image_bytes = (int(v) for v in out.stdout.split())
     assert growth < 1.3 * image_bytes, (growth, image_bytes)
+
+
+class Payload:
+    """A class a checkpoint could smuggle in: unpickling it would import and build it."""
+
+
+def test_a_checkpoint_holding_objects_is_refused_naming_them(tmp_path: Path) -> None:
+    import torch
+
+    from medunet.io.checkpoint import load_checkpoint
+
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": Payload()}, path)
+    with pytest.raises(InputError, match=r"refused: it holds Python objects that would run code when loaded "
+                       r"\(tests\.io\.test_readers\.Payload\); medunet loads weights only"):  # fmt: skip
+        load_checkpoint(path)
