@@ -119,9 +119,18 @@ def test_a_stopped_batch_leaves_whole_scans_and_resume_finishes_it(data_dir: Pat
     out, stats = tmp_path / "out", tmp_path / "stats.csv"
     command = [sys.executable, "-m", "medunet", "infer", str(scans), "-o", str(out), "--model", str(MODEL), "-q",
                "--stats", str(stats)]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell running this in the background may have set SIGINT to be ignored, and Python then keeps it so
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (out.is_dir() and any(p.suffix == ".gz" for p in out.iterdir())):
+    while time.monotonic() < deadline and not (
+        out.is_dir() and any(p.suffix == ".gz" and not p.name.startswith(".") for p in out.iterdir())
+    ):
         time.sleep(0.02)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
