@@ -70,6 +70,7 @@ class Series:
 class Folder:
     series: list[Series]
     damaged: list[tuple[Path, str]]  # (file, what is wrong), files that look like DICOM images but cannot be read
+    damaged_series: dict[Path, str] = field(default_factory=dict)  # a damaged file's SeriesInstanceUID, if read
 
 
 def scan_folder(folder: Path) -> Folder:
@@ -80,6 +81,7 @@ def scan_folder(folder: Path) -> Folder:
     """
     by_uid: dict[str, Series] = {}
     damaged: list[tuple[Path, str]] = []
+    damaged_series: dict[Path, str] = {}
     try:
         paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     except OSError as exc:
@@ -98,6 +100,8 @@ def scan_folder(folder: Path) -> Folder:
             continue  # not DICOM, or a DICOM object without pixels
         if problem is not None:
             damaged.append((path, problem))
+            if ds.get("SeriesInstanceUID"):
+                damaged_series[path] = str(ds.get("SeriesInstanceUID"))
             continue
         uid = str(ds.get("SeriesInstanceUID") or "")
         series = by_uid.setdefault(uid, Series(uid, str(ds.get("Modality") or "")))
@@ -106,7 +110,7 @@ def scan_folder(folder: Path) -> Folder:
     for number, series in enumerate(ordered, start=1):
         series.number = number
         series.slices.sort(key=_along_normal)
-    return Folder(ordered, damaged)
+    return Folder(ordered, damaged, damaged_series)
 
 
 def _read_header(path: Path) -> tuple[Dataset | None, str | None]:
@@ -242,7 +246,7 @@ def _count(items: Sized, noun: str) -> str:
 def check_series(folder: Path, series: Series, found: Folder, accept_damaged: bool) -> list[str]:
     """Refuse (``InputError``) a series that is not one evenly spaced volume, unless ``accept_damaged``;
     then the problems are returned for a warning. Damaged files that name no series count against it."""
-    damaged = [(p, why) for p, why in found.damaged if _series_uid_of(p) in (series.uid, None)]
+    damaged = [(p, why) for p, why in found.damaged if found.damaged_series.get(p) in (series.uid, None)]
     problems = series_problems(series, damaged)
     if problems and not accept_damaged:
         raise InputError(
@@ -251,17 +255,6 @@ def check_series(folder: Path, series: Series, found: Folder, accept_damaged: bo
             "the readable slices anyway)",
         )
     return problems
-
-
-def _series_uid_of(path: Path) -> str | None:
-    """The SeriesInstanceUID of a damaged file, if its header got that far."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-    except Exception:
-        return None
-    return str(ds.get("SeriesInstanceUID")) if ds.get("SeriesInstanceUID") else None
 
 
 def _slice(path: Path, ds: Dataset) -> Slice:
