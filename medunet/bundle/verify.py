@@ -63,7 +63,7 @@ def verify_bundle(path: Path) -> list[str]:
             f"metadata says {out['num_channels']} output channels, labels are {model.preprocess.label_names}"
         )
     with torch.no_grad():
-        y = model.network(torch.zeros(1, inp["num_channels"], *shape))
+        y = model.window_engine()(torch.zeros(1, inp["num_channels"], *shape))
     if tuple(y.shape) != (1, out["num_channels"], *[int(s) for s in out["spatial_shape"]]):
         problems.append(f"network maps {shape} to {tuple(y.shape)}, not what metadata says")
     return problems

@@ -25,6 +25,19 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
+class BackendChoice(StrEnum):  # medunet.inference.backends.Backend, kept here so --help imports no torch
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+
+
+class ExportChoice(StrEnum):  # medunet.inference.export.ExportFormat
+    ONNX = "onnx"
+    OPENVINO = "openvino"
+    TORCHSCRIPT = "torchscript"
+
+
 class Postprocess(StrEnum):
     MODEL = "model"
     NONE = "none"
@@ -61,8 +74,20 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
         return
     # MONAI warns on every DICOM read about optional GPU codecs; MLflow and alembic narrate database set-up;
     # highdicom narrates each attribute module it copies (with instance UIDs)
-    # nibabel narrates the header fields it mends (a zero voxel size read as 1)
-    for noisy in ("monai", "matplotlib", "PIL", "mlflow", "alembic", "highdicom", "nibabel"):
+    # nibabel narrates the header fields it mends (a zero voxel size read as 1); the ONNX exporter (torch.onnx,
+    # onnxscript, onnx_ir) narrates each graph rewrite
+    for noisy in (
+        "monai",
+        "matplotlib",
+        "PIL",
+        "mlflow",
+        "alembic",
+        "highdicom",
+        "nibabel",
+        "torch",
+        "onnxscript",
+        "onnx_ir",
+    ):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
@@ -387,6 +412,13 @@ def infer(
         bool, typer.Option("--skip-existing", "--resume", help="Skip scans whose mask already exists.")
     ] = False,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow registry for models:/ URIs.")] = None,
+    backend: Annotated[
+        BackendChoice,
+        typer.Option(
+            help="Where the network runs: torch, onnxruntime or openvino (optional extras); auto: torch for "
+            "PyTorch models, OpenVINO (else ONNX Runtime) for exported ones."
+        ),
+    ] = BackendChoice.AUTO,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Verbose = False,
 ) -> None:
@@ -416,7 +448,7 @@ def infer(
         if stats is not None and stats.is_dir():
             raise ValueError(f"--stats {stats}: is a folder; give the CSV file to write")
         ref = model or default_model_path()
-        seg_model = load_model(ref, device=resolve_device(device), tracking_uri=tracking_uri)
+        seg_model = load_model(ref, device=resolve_device(device), tracking_uri=tracking_uri, backend=str(backend))
         if model is None:
             print(f"using the default model {ref}", file=sys.stderr)
         if tta and not seg_model.infer.tta_axes:
@@ -598,6 +630,44 @@ def registry_promote(
 
         promote(name, version, alias, tracking_uri)
         print(f"models:/{name}@{alias} -> version {version}")
+
+    _run(body)
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Checkpoint (.pt), run folder, bundle or models:/ URI.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="model.onnx, model.xml (OpenVINO; weights beside it as .bin), model.ts, or a "
+            "medunet bundle folder (its models/model.onnx).",
+        ),
+    ],
+    check_on: Annotated[
+        list[str],
+        typer.Option(
+            help="A real scan to check the export on against PyTorch (repeat for more; channels joined by commas). "
+            "Nothing is written unless the masks agree on 99.9% of voxels."
+        ),
+    ],
+    fmt: Annotated[ExportChoice, typer.Option("--format", help="onnx, openvino or torchscript.")] = ExportChoice.ONNX,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow registry for models:/ URIs.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Export a model for ONNX Runtime, OpenVINO or LibTorch, with its preprocessing in the file's metadata."""
+    _setup_logging(quiet, verbose)
+
+    def body() -> None:
+        from medunet.inference import expand_inputs, load_model
+        from medunet.inference.export import ExportFormat, export_model
+
+        seg_model = load_model(model, tracking_uri=tracking_uri)
+        report = export_model(seg_model, ExportFormat(str(fmt)), output, expand_inputs(check_on))
+        print(f"wrote {report.describe()}")
 
     _run(body)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import nn
 
 from medunet.config import InferConfig, NetworkConfig, PreprocessConfig, from_dict
 from medunet.errors import InputError
+from medunet.inference.backends import Backend, Engine, TorchEngine
 from medunet.io import load_checkpoint
 from medunet.io.bundle_layout import is_bundle, read_bundle_payload
 from medunet.io.model_uri import download_registered_bundle, is_registry_uri
@@ -20,11 +22,13 @@ from medunet.networks import create_network
 
 @dataclass(frozen=True)
 class SegmentationModel:
-    network: nn.Module  # in eval mode
+    network: nn.Module | None  # in eval mode; None for an exported graph (``engine`` runs it)
     network_config: NetworkConfig
     preprocess: PreprocessConfig
     infer: InferConfig
     source: str
+    fingerprint: dict[str, Any] | None = None  # the training data's (``medunet.planning.fingerprint``), if known
+    engine: Engine | None = None  # where windows run (None: ``network`` in PyTorch)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -41,8 +45,16 @@ class SegmentationModel:
         return self.infer.roi_size or self.preprocess.patch_size
 
     def to(self, device: torch.device | str) -> SegmentationModel:
-        self.network.to(device)
+        if self.network is not None:
+            self.network.to(device)
         return self
+
+    def window_engine(self) -> Engine:
+        """The engine that runs each window: ``engine``, or the PyTorch network."""
+        if self.engine is not None:
+            return self.engine
+        assert self.network is not None
+        return TorchEngine(self.network, channels_last=self.preprocess.spatial_dims == 3)
 
 
 def model_from_payload(payload: dict[str, Any], source: str) -> SegmentationModel:
@@ -58,7 +70,20 @@ def model_from_payload(payload: dict[str, Any], source: str) -> SegmentationMode
     except RuntimeError as exc:
         raise InputError(source, f"weights do not fit the network ({str(exc).splitlines()[0]})") from None
     network.eval()
-    return SegmentationModel(network, net_cfg, pre, inf, source)
+    return SegmentationModel(network, net_cfg, pre, inf, source, read_fingerprint(payload.get("fingerprint"), source))
+
+
+def read_fingerprint(text: object, source: str) -> dict[str, Any] | None:
+    """The training fingerprint a model carries (JSON text), or ``None`` when it has none."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(text) if isinstance(text, str | bytes) else text
+    except json.JSONDecodeError as exc:
+        raise InputError(source, f"its training fingerprint is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(source, "its training fingerprint is not a JSON object")
+    return data
 
 
 def fold_checkpoints(folder: Path) -> list[Path]:
@@ -97,14 +122,40 @@ def default_model_path() -> Path:
 
 
 def load_model(
-    ref: str | Path, device: str | torch.device = "cpu", tracking_uri: str | None = None
+    ref: str | Path,
+    device: str | torch.device = "cpu",
+    tracking_uri: str | None = None,
+    backend: Backend | str = Backend.TORCH,
 ) -> SegmentationModel:
     """Load a model from a checkpoint (``best.pt``), a run folder, a cross-validation run folder (its
-    folds' ``best.pt`` as one ensemble), a medunet MONAI bundle folder, or a registry URI
-    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``).
+    folds' ``best.pt`` as one ensemble), a medunet MONAI bundle folder, a registry URI
+    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) or a graph ``medunet export`` wrote (``.onnx``,
+    OpenVINO ``.xml``).
+
+    ``backend`` runs the windows: PyTorch, ONNX Runtime or OpenVINO (a PyTorch model's graph is then
+    taken from its bundle's ``models/model.onnx`` or exported in memory), or ``auto``: see
+    ``medunet.inference.export.with_backend``.
 
     Nothing is executed while loading: configs are read as data, weights with ``weights_only``.
     """
+    backend = Backend(backend)
+    path = Path(ref)
+    if not is_registry_uri(ref) and path.suffix.lower() in (".onnx", ".xml"):
+        from medunet.inference.export import load_exported
+
+        if not path.is_file():
+            raise InputError(path, "no such model file")
+        return load_exported(path, backend)
+    model = _load_torch_model(ref, device, tracking_uri)
+    if backend is Backend.TORCH:
+        return model
+    from medunet.inference.export import with_backend
+
+    onnx_file = path / "models" / "model.onnx" if is_bundle(path) else None
+    return with_backend(model, backend, onnx_file if onnx_file is not None and onnx_file.is_file() else None)
+
+
+def _load_torch_model(ref: str | Path, device: str | torch.device, tracking_uri: str | None) -> SegmentationModel:
     if is_registry_uri(ref):
         bundle = download_registered_bundle(str(ref), tracking_uri)
         model = model_from_payload(read_bundle_payload(bundle), str(ref))

@@ -21,6 +21,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Spacingd
 
 from medunet.errors import InputError
+from medunet.inference.backends import Engine
 from medunet.inference.model import SegmentationModel
 from medunet.inference.tiling import (
     TilePlan,
@@ -101,7 +102,7 @@ def intensity_range(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi]).float()
 
 
-def _predictor(network: torch.nn.Module, tta_axes: Sequence[int], channels_last: bool) -> Callable:
+def _predictor(network: Engine, tta_axes: Sequence[int]) -> Callable:
     """The window function: logits, averaged over every combination of mirrored ``tta_axes``
     (spatial axes, as the model's training flips)."""
     axes = [a + 2 for a in tta_axes]
@@ -109,8 +110,6 @@ def _predictor(network: torch.nn.Module, tta_axes: Sequence[int], channels_last:
 
     def run(window: torch.Tensor) -> torch.Tensor:
         window = window.float()  # float16 slabs of a large image are blended in half precision
-        if channels_last:
-            window = window.contiguous(memory_format=torch.channels_last_3d)
         out = network(window).float()
         for flip in flips:
             out += network(window.flip(flip)).float().flip(flip)
@@ -141,7 +140,8 @@ def _window_device_budget(device: torch.device) -> int | None:
 def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOptions) -> Segmentation:
     """Sliding-window inference over ``prep`` and the inverse of its preprocessing."""
     x = prep.x
-    device = next(model.network.parameters()).device
+    engine = model.window_engine()
+    device = engine.device
     num_classes = model.preprocess.num_classes
     dims = model.preprocess.spatial_dims
     shape = tuple(x.shape[1:])
@@ -173,6 +173,7 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
             image_bytes=x.numel() * x.element_size(),
             slice_wise=prep.slice_wise,
             half_allowed=half_allowed,
+            lean_forward=engine.lean_forward,
         )
     except MemoryError as exc:
         raise InputError(prep.source, str(exc)) from None
@@ -184,7 +185,7 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
             model.source, "--tta: this model was trained without mirroring, so mirrored copies would only hurt"
         )
     tta_axes = model.infer.tta_axes if options.tta else ()
-    run = _predictor(model.network, tta_axes, channels_last=dims == 3)
+    run = _predictor(engine, tta_axes)
     if prep.slice_wise:
         run = _slice_predictor(run, plan.sw_batch_size)
     with freed_pages_kept():

@@ -149,7 +149,7 @@ def release_free_memory() -> None:
         trim(0)
 
 
-def window_bytes_per_voxel(cfg: NetworkConfig, half_precision: bool = False) -> float:
+def window_bytes_per_voxel(cfg: NetworkConfig, half_precision: bool = False, lean_forward: bool = True) -> float:
     """Bytes one window voxel costs in a forward pass without gradients.
 
     A plain 3D U-Net runs its full-resolution level in slabs and in place at inference
@@ -160,13 +160,13 @@ def window_bytes_per_voxel(cfg: NetworkConfig, half_precision: bool = False) -> 
     convolution and norm outputs; measured 460-530 B per voxel). Deeper levels add about 6 maps at
     ``2^-dims`` of the voxels per level. The window's input, logits and their weighted copy add 4
     values per channel (8 for the plain forward, whose full-size convolutions add input and output
-    workspace).
+    workspace). ``lean_forward`` False: the engine runs the plain forward (an exported graph).
     """
     shrink, deeper = 1.0, 0.0
     for level, (f, s) in enumerate(zip(cfg.features, level_strides(cfg), strict=True)):
         shrink /= math.prod(s)
         deeper += f * shrink if level > 0 else 0.0
-    if cfg.name == "unet" and cfg.norm in ("instance", "batch", "none") and cfg.spatial_dims == 3:
+    if lean_forward and cfg.name == "unet" and cfg.norm in ("instance", "batch", "none") and cfg.spatial_dims == 3:
         maps, io = 2.0 * cfg.features[0] + 6.0 * deeper, 4
     else:
         maps, io = (8.0 if cfg.name == "attention_unet" else 6.0) * (cfg.features[0] + deeper), 8
@@ -372,6 +372,7 @@ def plan_tiles(
     slice_wise: bool = False,
     half_allowed: bool = True,
     context: int | Sequence[int] | None = None,
+    lean_forward: bool = True,
 ) -> TilePlan:
     """Choose windows and slabs so that ``committed`` bytes (the process and its loaded image, mask and
     probabilities) plus the blending buffers and one window's activations stay within ``budget``.
@@ -387,7 +388,8 @@ def plan_tiles(
 
     ``context``: voxels neighbouring windows (and slabs) share, one value or one per axis; by default
     as ``CONTEXT_COVERAGE`` says, and narrower (down to one stride) where a budget is too tight to split
-    the windows that far.
+    the windows that far. ``lean_forward``: the windows run on the PyTorch U-Net's slab-wise forward
+    (False for an exported graph, which holds whole maps).
     """
     if context is None:
         plan_with = functools.partial(
@@ -405,13 +407,14 @@ def plan_tiles(
             image_bytes=image_bytes,
             slice_wise=slice_wise,
             half_allowed=half_allowed,
+            lean_forward=lean_forward,
         )
         return _plan_choosing_context(plan_with, cfg, shape, fixed_windows=roi is not None)
     window_dims = len(shape) - 1 if slice_wise else len(shape)
     multiple = list(total_stride(cfg))[:window_dims]
     assert context is not None
     context = _per_axis(context, len(shape))
-    per_window_voxel = window_bytes_per_voxel(cfg, half_precision)
+    per_window_voxel = window_bytes_per_voxel(cfg, half_precision, lean_forward)
     usable = int(budget * 0.8)
     free = usable - committed
     plane = math.prod(shape[:-1])

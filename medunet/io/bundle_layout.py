@@ -63,9 +63,12 @@ def read_bundle_payload(folder: Path) -> dict[str, Any]:
     network = {k: v for k, v in net.items() if not k.startswith("_")}
     weights = load_checkpoint(folder / WEIGHTS)
     state_dict = weights.get("state_dict", weights)
-    return {
+    payload = {
         "network": network,
         "preprocess": segmenter.get("preprocess", {}),
         "infer": segmenter.get("infer", {}),
         "state_dict": state_dict,
     }
+    if (folder / FINGERPRINT).is_file():  # the training data's fingerprint, kept as text like a checkpoint's
+        payload["fingerprint"] = (folder / FINGERPRINT).read_text()
+    return payload

@@ -1,0 +1,164 @@
+"""Where the network runs on each window: PyTorch, ONNX Runtime or OpenVINO.
+
+Every backend is an ``Engine``: a callable from a float32 window ``(B, C, *S)`` to its logits
+``(B, K, *S)``. Window planning, Gaussian blending and everything around them are the same for all;
+only the forward pass moves. ONNX Runtime and OpenVINO run the graph ``medunet export`` writes
+(``medunet.inference.export``), whose spatial sides must be multiples of the network's stride: their
+engines pad each window with zeros at its far end, as the PyTorch network does itself, and crop the
+logits back.
+
+The runtimes are optional extras (``pip install medunet[onnx]``, ``medunet[openvino]``) and are
+imported only when their backend is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medunet.errors import MedunetError
+
+
+class Backend(StrEnum):
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+
+
+# The Python module each runtime installs, and the extra that installs it.
+_MODULES = {Backend.ONNXRUNTIME: ("onnxruntime", "onnx"), Backend.OPENVINO: ("openvino", "openvino")}
+
+
+class BackendError(MedunetError):
+    """A backend that is not installed or cannot run this model."""
+
+
+def installed(backend: Backend) -> bool:
+    if backend in (Backend.TORCH, Backend.AUTO):
+        return True
+    return importlib.util.find_spec(_MODULES[backend][0]) is not None
+
+
+def require(backend: Backend) -> None:
+    if not installed(backend):
+        module, extra = _MODULES[backend]
+        raise BackendError(f"--backend {backend}: {module} is not installed (pip install 'medunet[{extra}]')")
+
+
+class Engine(Protocol):
+    backend: Backend
+    # whether windows may be planned for the PyTorch U-Net's slab-wise forward (about half the memory
+    # per voxel); the exported graphs hold whole maps, as the plain forward does
+    lean_forward: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchEngine:
+    """The PyTorch network itself (channels-last 3D windows on CPU and GPU alike)."""
+
+    backend = Backend.TORCH
+
+    def __init__(self, network: nn.Module, channels_last: bool) -> None:
+        self.network = network
+        self.lean_forward = True
+        self.channels_last = channels_last
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            window = window.contiguous(memory_format=torch.channels_last_3d)
+        return self.network(window)
+
+
+class _GraphEngine:
+    """A window padded to the graph's stride multiples, run, and its logits cropped back."""
+
+    backend: Backend
+    lean_forward = False
+
+    def __init__(self, stride: Sequence[int]) -> None:
+        self.stride = tuple(int(s) for s in stride)
+        self._lock = threading.Lock()  # one inference request per engine, used by one thread at a time
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        size = window.shape[2:]
+        pad: list[int] = []
+        for s, m in zip(reversed(size), reversed(self.stride), strict=True):
+            pad += [0, (m - s % m) % m]
+        x = F.pad(window.float(), pad) if any(pad) else window.float()
+        with self._lock:
+            out = self._run(x.contiguous().cpu().numpy())
+        logits = torch.from_numpy(out)
+        if any(pad):
+            logits = logits[(slice(None), slice(None), *(slice(0, s) for s in size))]
+        return logits.to(window.device)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _run(self, x: Any) -> Any:
+        raise NotImplementedError
+
+
+class OnnxRuntimeEngine(_GraphEngine):
+    backend = Backend.ONNXRUNTIME
+
+    def __init__(self, model: bytes | str, stride: Sequence[int], threads: int | None = None) -> None:
+        require(Backend.ONNXRUNTIME)
+        import onnxruntime as ort
+
+        super().__init__(stride)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: its warnings are not the user's problem
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _run(self, x: Any) -> Any:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class OpenVinoEngine(_GraphEngine):
+    """OpenVINO's CPU plugin. ``precision`` "f32" keeps PyTorch's logits to rounding; "bf16" (where the
+    CPU has bfloat16 instructions) is faster and moves logits by about 0.1."""
+
+    backend = Backend.OPENVINO
+
+    def __init__(self, model: Any, stride: Sequence[int], threads: int | None = None, precision: str = "f32") -> None:
+        require(Backend.OPENVINO)
+        import openvino as ov
+
+        super().__init__(stride)
+        core = ov.Core()
+        if isinstance(model, bytes):  # an ONNX graph in memory
+            model = core.read_model(model=model, weights=b"")
+        elif isinstance(model, str):  # an ONNX file or OpenVINO IR (.xml beside its .bin)
+            model = core.read_model(model)
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+        }
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def _run(self, x: Any) -> Any:
+        self.request.infer({0: x})
+        return self.request.get_output_tensor(0).data.copy()
