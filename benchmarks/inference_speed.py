@@ -3,6 +3,7 @@
     python benchmarks/inference_speed.py [--model bundles/hippocampus_mri_3d] [--grid 6 4 4] [--device cpu]
     python benchmarks/inference_speed.py --model RUN/best.pt --scan FLAIR.nii.gz T1C.nii.gz --label SEG.nii.gz
     python benchmarks/inference_speed.py ... [--max-memory 6GB] [--overlap 0.25]   # medunet's plan, as in `infer`
+    python benchmarks/inference_speed.py ... --backends torch onnxruntime openvino     # each backend, one table
 
 The volume is a mosaic of real MSD hippocampus cases for the shipped default model, or a real scan
 (``--scan``, one file per channel, with its ``--label`` file) for the model given.
@@ -14,6 +15,10 @@ they differ in the window plan:
 - medunet: the fewest, largest windows the memory budget allows, overlapping by the network's
   context, blended slab by slab (``medunet.inference.tiling``), at the default ``--max-memory``
   (or the ``--max-memory`` and ``--overlap`` given).
+
+With ``--backends``, medunet's path runs once per backend (``medunet infer --backend``; ``openvino-bf16``
+is OpenVINO at bfloat16 precision), each with the plan that backend gets, and a table gives each
+one's time, speed-up against stock, peak memory, share of convolution throughput and Dice.
 
 Printed: seconds and the time ratio, Dice agreement between the two masks (and of each with the
 real labels), peak resident memory of each (sampled while it runs), and the share of the machine's
@@ -35,6 +40,7 @@ import math
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +54,9 @@ from volumes import REPO, tiled_volume
 from medunet import runtime
 from medunet.evaluation import dice_per_class
 from medunet.inference import load_model
+from medunet.inference.backends import Backend
+from medunet.inference.export import with_backend
+from medunet.inference.model import SegmentationModel
 from medunet.inference.predictor import InferOptions, _to_input_grid, prepare, segment_prepared
 from medunet.inference.tiling import TilePlan, parse_memory, resident_memory
 from medunet.transforms.loading import LoadCased
@@ -153,6 +162,13 @@ def main() -> None:
         "median times (a shared machine's speed drifts by a fifth within minutes)"
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["torch"],
+        choices=["torch", "onnxruntime", "openvino", "openvino-bf16"],
+        help="medunet's path on each of these (the first is the one compared in detail)",
+    )
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat needs at least one round")
@@ -198,10 +214,24 @@ def main() -> None:
         del logits
         return _to_input_grid(prep, labels, None, resampled=False)[0].numpy()
 
-    def medunet_path() -> tuple[np.ndarray, TilePlan, tuple[int, ...]]:
-        prep = prepare(volume, model)
+    def backend_model(name: str) -> SegmentationModel:
+        if name == "openvino-bf16":
+            from medunet.inference.backends import OpenVinoEngine
+            from medunet.inference.export import to_onnx
+            from medunet.networks.topology import total_stride
+
+            engine = OpenVinoEngine(to_onnx(model), total_stride(model.network_config), precision="bf16")
+            return replace(model, engine=engine)
+        return with_backend(model, Backend(name))
+
+    variants = {name: backend_model(name) for name in args.backends}
+    for variant in variants.values():  # warm-up: each runtime's first call compiles its kernels
+        variant.window_engine()(torch.zeros(1, model.network_config.in_channels, *model.preprocess.patch_size))
+
+    def medunet_path(which: SegmentationModel = model) -> tuple[np.ndarray, TilePlan, tuple[int, ...]]:
+        prep = prepare(volume, which)
         budget = parse_memory(args.max_memory) if args.max_memory else None
-        seg = segment_prepared(prep, model, InferOptions(max_memory=budget, overlap=args.overlap))
+        seg = segment_prepared(prep, which, InferOptions(max_memory=budget, overlap=args.overlap))
         assert seg.plan is not None
         return seg.labels.numpy(), seg.plan, tuple(prep.x.shape[1:])
 
@@ -211,6 +241,7 @@ def main() -> None:
     times_ours: list[float] = []
     mems_stock: list[PeakMemory] = []
     mems_ours: list[PeakMemory] = []
+    others: dict[str, dict] = {name: {"times": [], "mems": []} for name in args.backends[1:]}
     floor = None
     for _ in range(args.repeat):
         gc.collect()
@@ -224,9 +255,16 @@ def main() -> None:
         gc.collect()
         with PeakMemory() as mem:
             start = time.perf_counter()
-            ours, plan, prep_shape = medunet_path()
+            ours, plan, prep_shape = medunet_path(variants[args.backends[0]])
             times_ours.append(time.perf_counter() - start)
         mems_ours.append(mem)
+        for name, record in others.items():
+            gc.collect()
+            with PeakMemory() as mem:
+                start = time.perf_counter()
+                record["labels"], record["plan"], _ = medunet_path(variants[name])
+                record["times"].append(time.perf_counter() - start)
+            record["mems"].append(mem)
     t_stock, t_ours = float(np.median(times_stock)), float(np.median(times_ours))
     mem_stock, mem_ours = mems_stock[0], mems_ours[0]
 
@@ -280,6 +318,26 @@ def main() -> None:
         f"medunet achieves {achieved_ours / 1e9:.1f} GFLOP/s ({achieved_ours / peak:.0%}), "
         f"stock {achieved_stock / 1e9:.1f} GFLOP/s ({achieved_stock / peak:.0%})"
     )
+    table = []
+    print("\n| path | seconds | speed-up vs stock | peak GiB | conv throughput | Dice vs labels | vs stock |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    rows = [("stock 96^3/0.5 (torch)", t_stock, mem_stock, stock, stock_windows)]
+    rows.append((f"medunet {args.backends[0]}", t_ours, mem_ours, ours, ours_windows))
+    for name, record in others.items():
+        windows = record["plan"].network_voxels(prep_shape)
+        seconds = float(np.median(record["times"]))
+        rows.append((f"medunet {name}", seconds, record["mems"][0], record["labels"], windows))
+    for name, seconds, mem, labels, windows in rows:
+        fraction = per_voxel * windows / seconds / peak
+        vs_label, vs_stock = dice(labels, label, num_classes), dice(labels, stock, num_classes)
+        print(
+            f"| {name} | {seconds:.2f} | {t_stock / seconds:.2f}x | {gib(mem.peak)} | {fraction:.0%} | "
+            f"{np.mean(vs_label):.4f} | {np.mean(vs_stock):.4f} |"
+        )
+        table.append(
+            {"path": name, "seconds": seconds, "speedup": t_stock / seconds, "peak": mem.peak,
+             "conv_fraction": fraction, "dice_labels": vs_label, "dice_stock": vs_stock}
+        )  # fmt: skip
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -302,6 +360,7 @@ def main() -> None:
                     "tiling_floor": floor,
                     "untiled_agreement": to_untiled if untiled is not None else None,
                     "fraction_stock": achieved_stock / peak,
+                    "backends": table,
                 },
                 indent=2,
             )

@@ -55,8 +55,8 @@ def require(backend: Backend) -> None:
 
 class Engine(Protocol):
     backend: Backend
-    # whether windows may be planned for the PyTorch U-Net's slab-wise forward (about half the memory
-    # per voxel); the exported graphs hold whole maps, as the plain forward does
+    # whether windows may be planned with the memory per voxel of the PyTorch U-Net's slab-wise forward
+    # (``tiling.window_bytes_per_voxel``); else with the plain forward's, about twice as much
     lean_forward: bool
 
     @property
@@ -86,10 +86,15 @@ class TorchEngine:
 
 
 class _GraphEngine:
-    """A window padded to the graph's stride multiples, run, and its logits cropped back."""
+    """A window padded to the graph's stride multiples, run, and its logits cropped back.
+
+    Both runtimes plan their buffers over the whole graph and reuse them, so a window costs them no
+    more memory than the slab-wise PyTorch forward it is planned for (``benchmarks/inference_speed.py``
+    reports each backend's peak).
+    """
 
     backend: Backend
-    lean_forward = False
+    lean_forward = True
 
     def __init__(self, stride: Sequence[int]) -> None:
         self.stride = tuple(int(s) for s in stride)

@@ -7,17 +7,29 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
 from medunet import runtime
 from medunet.errors import InputError, MedunetError
 from medunet.evaluation.pictures import qc_picture
 from medunet.inference.model import SegmentationModel
-from medunet.inference.predictor import InferOptions, Segmentation, segment
+from medunet.inference.predictor import (
+    InferOptions,
+    LoadedScan,
+    Predicted,
+    Segmentation,
+    finish,
+    finish_scan,
+    load_scan,
+    predict,
+)
 from medunet.io import write_array
 from medunet.io.dicom_seg import write_dicom_seg
 from medunet.io.readers import IMAGE_2D_SUFFIXES, NIFTI_SUFFIXES, SUPPORTED, has_suffix
@@ -26,6 +38,17 @@ from medunet.io.writers import atomic_path
 log = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES
+T = TypeVar("T")
+
+
+class Flag(Protocol):
+    """A way a scan differs from the training data (``medunet.inference.guard.Flag``)."""
+
+    @property
+    def code(self) -> str: ...
+
+    @property
+    def message(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -112,11 +135,14 @@ def write_segmentation(seg: Segmentation, model: SegmentationModel, output: Path
     return output
 
 
-STATS_COLUMNS = ("scan", "label", "name", "voxels", "volume_ml")
+STATS_COLUMNS = ("scan", "label", "name", "voxels", "volume_ml", "flags")
 
 
-def label_statistics(seg: Segmentation, model: SegmentationModel, scan: str) -> list[dict[str, object]]:
-    """Voxel count and volume (ml; empty for 2D images) of every foreground label."""
+def label_statistics(
+    seg: Segmentation, model: SegmentationModel, scan: str, flags: str = ""
+) -> list[dict[str, object]]:
+    """Voxel count and volume (ml; empty for 2D images) of every foreground label, and the input
+    guard's ``flags`` for the scan (codes joined by ``;``)."""
     counts = torch.bincount(seg.labels.reshape(-1), minlength=model.preprocess.num_classes).numpy()  # no int64 copy
     spatial = seg.affine[:-1, :-1]
     voxel_ml = abs(float(np.linalg.det(spatial))) / 1000.0 if spatial.shape == (3, 3) else None
@@ -126,7 +152,7 @@ def label_statistics(seg: Segmentation, model: SegmentationModel, scan: str) -> 
             continue
         n = int(counts[c])
         volume = "" if voxel_ml is None else f"{n * voxel_ml:.4f}"
-        rows.append({"scan": scan, "label": value, "name": name, "voxels": n, "volume_ml": volume})
+        rows.append({"scan": scan, "label": value, "name": name, "voxels": n, "volume_ml": volume, "flags": flags})
     return rows
 
 
@@ -243,6 +269,21 @@ def describe_failure(job: Job, exc: BaseException, outputs: Sequence[Path]) -> s
     return f"{job.name}: {type(exc).__name__}: {exc}"
 
 
+class _Inline:
+    """An executor that runs each call at once, in the calling thread: the sequential loop."""
+
+    def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
 def run_jobs(
     jobs: Sequence[Job],
     model: SegmentationModel,
@@ -254,8 +295,20 @@ def run_jobs(
     extras: Extras | None = None,
     on_error: Callable[[str], None] | None = None,
     accept_damaged: bool = False,
+    pipelined: bool = True,
+    guard: Callable[[MetaTensor], Sequence[Flag]] | None = None,
+    strict: bool = False,
 ) -> BatchResult:
     """Segment every job; a bad file is reported and skipped while the others finish.
+
+    ``pipelined``: while the network runs on one scan, a reader thread reads and preprocesses the
+    next and a writer thread maps the previous one back to its grid and writes its files, so the
+    cores do not wait on files; at most one scan is in each stage, and each scan's windows are
+    planned against the memory the process holds at that moment (the other stages' scans included).
+    The model is loaded once, by the caller.
+
+    ``guard`` compares each scan as read with the training data (``medunet.inference.guard``): its
+    flags are logged and go to the statistics' ``flags`` column; ``strict`` refuses a flagged scan.
 
     The mask is written last, so a scan whose mask exists is complete (``skip_existing``); a scan
     stopped midway (an error, Ctrl-C, SIGTERM) leaves none of its files. The statistics CSV holds
@@ -267,53 +320,116 @@ def run_jobs(
     rows: list[dict[str, object]] = []
     earlier = read_statistics(more.stats) if more.stats is not None and skip_existing else []
     report = on_error or log.error
-    try:
-        for job in jobs:
-            written: list[Path] = []
-            try:
-                if skip_existing and job.output.exists():
-                    result.skipped.append(job.output)
-                    kept = [r for r in earlier if r.get("scan") == scan_name(job.output)]
-                    rows += kept or (mask_statistics(job.output, model) if more.stats is not None else [])
-                    continue
-                if more.dicom_seg and not job.inputs[0].is_dir():
-                    raise InputError(job.inputs[0], "--dicom-seg needs a DICOM series folder as input")
-                seg = segment(
-                    list(job.inputs), model, series=series, options=opts, keep_scan=more.qc is not None,
-                    accept_damaged=accept_damaged,
+    done = on_done or (lambda _job: None)
+
+    def fail(job: Job, exc: BaseException) -> None:
+        message = describe_failure(job, exc, job_outputs(job, len(jobs), opts.probabilities, more))
+        result.failed.append((job.name, message))
+        report(message)
+
+    def read(job: Job) -> LoadedScan:
+        if more.dicom_seg and not job.inputs[0].is_dir():
+            raise InputError(job.inputs[0], "--dicom-seg needs a DICOM series folder as input")
+        loaded = load_scan(
+            list(job.inputs), model, series, keep_scan=more.qc is not None, accept_damaged=accept_damaged,
+            check=guard,
+        )  # fmt: skip
+        flags = list(loaded.checked or [])  # type: ignore[call-overload]
+        if flags and strict:
+            raise InputError(job.name, f"refused (--strict): unlike the training data: {describe_flags(flags)}")
+        if flags:
+            log.warning("%s: unlike the training data: %s", job.name, describe_flags(flags))
+        return loaded
+
+    def write(job: Job, predicted: Predicted, loaded: LoadedScan) -> list[dict[str, object]]:
+        written: list[Path] = []
+        try:
+            seg = finish_scan(loaded, finish(predicted, model))
+            del predicted
+            if more.dicom_seg and not seg.labels.any():
+                log.warning("%s: no label found, so no DICOM SEG (it needs a segment)", job.name)
+            elif more.dicom_seg:
+                write_dicom_seg(
+                    seg.labels.numpy(), seg.affine, job.inputs[0], seg_path(job.output),
+                    model.label_names, Path(model.source).name, series,
                 )  # fmt: skip
-                if more.dicom_seg and not seg.labels.any():
-                    log.warning("%s: no label found, so no DICOM SEG (it needs a segment)", job.name)
-                elif more.dicom_seg:
-                    write_dicom_seg(
-                        seg.labels.numpy(), seg.affine, job.inputs[0], seg_path(job.output),
-                        model.label_names, Path(model.source).name, series,
-                    )  # fmt: skip
-                    written.append(seg_path(job.output))
-                qc = more.qc_path(job, len(jobs))
-                if qc is not None and seg.scan is not None:
-                    labels = seg.labels.numpy()
-                    qc_picture(seg.scan, labels, model.label_names, qc, scan_name(job.output), seg.spacing)
-                    written.append(qc)
-                if seg.probabilities is not None:
-                    written.append(probs_path(job.output))  # written before the mask, in one call
-                job_rows = label_statistics(seg, model, scan_name(job.output))
-                with runtime.signals_held():  # a mask that exists has its statistics row
-                    write_segmentation(seg, model, job.output)
-                    written.clear()  # complete: the mask exists
-                    result.written.append(job.output)
-                    rows += job_rows
-                del seg  # before the next scan is planned against the memory budget
+                written.append(seg_path(job.output))
+            qc = more.qc_path(job, len(jobs))
+            if qc is not None and seg.scan is not None:
+                labels = seg.labels.numpy()
+                qc_picture(seg.scan, labels, model.label_names, qc, scan_name(job.output), seg.spacing)
+                written.append(qc)
+            if seg.probabilities is not None:
+                written.append(probs_path(job.output))  # written before the mask, in one call
+            flags = ";".join(sorted({f.code for f in (loaded.checked or [])}))  # type: ignore[attr-defined]
+            job_rows = label_statistics(seg, model, scan_name(job.output), flags)
+            with runtime.signals_held():  # a mask that exists has its statistics row
+                write_segmentation(seg, model, job.output)
+                written.clear()  # complete: the mask exists
+            return job_rows
+        finally:
+            for path in written:  # this scan's outputs, when its mask was not written
+                path.unlink(missing_ok=True)
+
+    todo: list[Job] = []
+    for job in jobs:
+        if skip_existing and job.output.exists():
+            try:
+                result.skipped.append(job.output)
+                kept = [r for r in earlier if r.get("scan") == scan_name(job.output)]
+                rows += kept or (mask_statistics(job.output, model) if more.stats is not None else [])
             except JOB_ERRORS as exc:
-                message = describe_failure(job, exc, job_outputs(job, len(jobs), opts.probabilities, more))
-                result.failed.append((job.name, message))
-                report(message)
-            finally:
-                for path in written:  # this scan's outputs, when its mask was not written
-                    path.unlink(missing_ok=True)
-                if on_done is not None:
-                    on_done(job)
+                fail(job, exc)
+            done(job)
+        else:
+            todo.append(job)
+
+    reader: ThreadPoolExecutor | _Inline = ThreadPoolExecutor(1, "medunet-read") if pipelined else _Inline()
+    writer: ThreadPoolExecutor | _Inline = ThreadPoolExecutor(1, "medunet-write") if pipelined else _Inline()
+    pending: tuple[Job, Future[list[dict[str, object]]]] | None = None  # the write in flight
+
+    def settle() -> None:
+        """Wait for the write in flight and record it."""
+        nonlocal pending
+        if pending is None:
+            return
+        job, future = pending
+        pending = None
+        try:
+            job_rows = future.result()
+        except JOB_ERRORS as exc:
+            fail(job, exc)
+        else:
+            result.written.append(job.output)
+            rows.extend(job_rows)
+        finally:
+            done(job)
+
+    try:
+        upcoming = reader.submit(read, todo[0]) if todo else None
+        for i, job in enumerate(todo):
+            assert upcoming is not None
+            current, upcoming = upcoming, None
+            try:
+                loaded = current.result()
+                if i + 1 < len(todo):  # read the next scan while this one runs
+                    upcoming = reader.submit(read, todo[i + 1])
+                predicted = predict(loaded.prep, model, opts)
+                settle()  # one write in flight at a time
+                pending = (job, writer.submit(write, job, predicted, loaded))
+                del loaded, predicted  # before the next scan is planned against the memory budget
+            except JOB_ERRORS as exc:
+                fail(job, exc)
+                done(job)
+            if upcoming is None and i + 1 < len(todo):
+                upcoming = reader.submit(read, todo[i + 1])
+        settle()
     finally:
+        if upcoming is not None:
+            upcoming.cancel()
+        reader.shutdown(wait=True, cancel_futures=True)
+        settle()  # stopped (Ctrl-C, SIGTERM): the scan being written is finished and recorded
+        writer.shutdown(wait=True)
         if more.stats is not None:
             try:
                 write_statistics(rows, more.stats)
@@ -321,3 +437,7 @@ def run_jobs(
                 result.stats_error = f"{more.stats}: cannot write the statistics ({exc.strerror or exc})"
                 report(result.stats_error)
     return result
+
+
+def describe_flags(flags: Sequence[Flag]) -> str:
+    return "; ".join(f.message for f in flags)

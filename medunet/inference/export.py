@@ -253,11 +253,9 @@ class ExportReport:
 class _Compared:
     """``engine``'s logits for each window, beside PyTorch's on the same window: the largest difference."""
 
-    lean_forward = False
-
     def __init__(self, engine: Engine, reference: Engine) -> None:
         self.engine, self.reference = engine, reference
-        self.backend = engine.backend
+        self.backend, self.lean_forward = engine.backend, engine.lean_forward
         self.max_difference = 0.0
 
     @property
@@ -278,7 +276,7 @@ def check_export(model: SegmentationModel, engine: Engine, scans: Sequence[Seque
     from medunet.inference.predictor import InferOptions, segment
 
     reference = TorchEngine(_torch_network(model), channels_last=model.preprocess.spatial_dims == 3)
-    reference.lean_forward = False  # plan the windows both will run
+    reference.lean_forward = engine.lean_forward  # both run the same windows
     checks = []
     for scan in scans:
         start = time.perf_counter()

@@ -125,7 +125,7 @@ def load_model(
     ref: str | Path,
     device: str | torch.device = "cpu",
     tracking_uri: str | None = None,
-    backend: Backend | str = Backend.TORCH,
+    backend: Backend | str = Backend.AUTO,
 ) -> SegmentationModel:
     """Load a model from a checkpoint (``best.pt``), a run folder, a cross-validation run folder (its
     folds' ``best.pt`` as one ensemble), a medunet MONAI bundle folder, a registry URI

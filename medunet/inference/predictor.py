@@ -137,8 +137,25 @@ def _window_device_budget(device: torch.device) -> int | None:
     return int(free * 0.7)
 
 
+@dataclass
+class Predicted:
+    """Blended network output on the network's grid, before it is mapped back to the input grid."""
+
+    prep: Prepared
+    labels: torch.Tensor  # (*S') uint8
+    probs: torch.Tensor | None  # (K, *S') float16, when asked for or needed to resample back
+    resampled: bool
+    plan: TilePlan
+    options: InferOptions
+
+
 def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOptions) -> Segmentation:
     """Sliding-window inference over ``prep`` and the inverse of its preprocessing."""
+    return finish(predict(prep, model, options), model)
+
+
+def predict(prep: Prepared, model: SegmentationModel, options: InferOptions) -> Predicted:
+    """Plan the windows within the memory budget and run them: the network's part of a scan."""
     x = prep.x
     engine = model.window_engine()
     device = engine.device
@@ -190,14 +207,21 @@ def segment_prepared(prep: Prepared, model: SegmentationModel, options: InferOpt
         run = _slice_predictor(run, plan.sw_batch_size)
     with freed_pages_kept():
         labels, probs = _blend(x.as_tensor(), run, plan, num_classes, device, options.probabilities or resampled)
-        labels, probs = _to_input_grid(prep, labels, probs, resampled)
+    return Predicted(prep, labels, probs, resampled, plan, options)
+
+
+def finish(predicted: Predicted, model: SegmentationModel) -> Segmentation:
+    """Map a prediction back to the input grid (exact for orientation, probabilities for resampling)
+    and post-process it."""
+    prep, options = predicted.prep, predicted.options
+    labels, probs = _to_input_grid(prep, predicted.labels, predicted.probs, predicted.resampled)
     if probs is not None and not options.probabilities:
         probs = None
     keep_largest = model.infer.largest_component if options.largest_component is None else options.largest_component
     if keep_largest:
-        labels = keep_largest_components(labels, num_classes)
+        labels = keep_largest_components(labels, model.preprocess.num_classes)
     spacing = tuple(float(v) for v in np.linalg.norm(prep.affine[:-1, :-1], axis=0))
-    return Segmentation(labels, prep.affine, probs, prep.source, spacing, plan=plan)
+    return Segmentation(labels, prep.affine, probs, prep.source, spacing, plan=predicted.plan)
 
 
 def _blend(
@@ -307,6 +331,29 @@ def segment(
     warning and an empty mask: a network's output on it means nothing.
     """
     opts = options or InferOptions(probabilities=probabilities)
+    scan = load_scan(image, model, series, keep_scan, accept_damaged)
+    return finish_scan(scan, finish(predict(scan.prep, model, opts), model))
+
+
+@dataclass
+class LoadedScan:
+    """A scan read and preprocessed for the network: the first stage of segmenting it."""
+
+    prep: Prepared
+    blank: str | None  # what makes it blank (``no_signal``), or None
+    scan: np.ndarray | None  # its first channel, kept for QC pictures
+    checked: object = None  # what ``load_scan``'s ``check`` said of the loaded image (the input guard)
+
+
+def load_scan(
+    image: str | Path | Sequence[Path] | MetaTensor,
+    model: SegmentationModel,
+    series: str | None = None,
+    keep_scan: bool = False,
+    accept_damaged: bool = False,
+    check: Callable[[MetaTensor], object] | None = None,
+) -> LoadedScan:
+    """Read ``image`` (unless loaded already), run ``check`` on it as read, and preprocess it."""
     if isinstance(image, MetaTensor):
         loaded = image
     else:
@@ -319,18 +366,23 @@ def segment(
             channels_in_file=len(model.preprocess.channels),
             accept_damaged=accept_damaged,
         )
+    checked = check(loaded) if check is not None else None
     blank = no_signal(loaded, model.preprocess.channels)
     scan = loaded[0].numpy().copy() if keep_scan else None
     prep = prepare(loaded, model, own=loaded is not image)
     del loaded
-    seg = segment_prepared(prep, model, opts)
-    if blank is not None:
-        log.warning("%s: the scan holds no signal (%s); its mask is left empty", seg.source, blank)
+    return LoadedScan(prep, blank, scan, checked)
+
+
+def finish_scan(loaded: LoadedScan, seg: Segmentation) -> Segmentation:
+    """``seg`` with what the loading stage knew: a blank scan's mask emptied, the scan kept for QC."""
+    if loaded.blank is not None:
+        log.warning("%s: the scan holds no signal (%s); its mask is left empty", seg.source, loaded.blank)
         seg.labels.zero_()
         if seg.probabilities is not None:
             seg.probabilities.zero_()
             seg.probabilities[0] = 1
-    return replace(seg, scan=scan) if scan is not None else seg
+    return replace(seg, scan=loaded.scan) if loaded.scan is not None else seg
 
 
 def no_signal(image: torch.Tensor, channels: Sequence[str]) -> str | None:

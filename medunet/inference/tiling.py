@@ -160,7 +160,7 @@ def window_bytes_per_voxel(cfg: NetworkConfig, half_precision: bool = False, lea
     convolution and norm outputs; measured 460-530 B per voxel). Deeper levels add about 6 maps at
     ``2^-dims`` of the voxels per level. The window's input, logits and their weighted copy add 4
     values per channel (8 for the plain forward, whose full-size convolutions add input and output
-    workspace). ``lean_forward`` False: the engine runs the plain forward (an exported graph).
+    workspace). ``lean_forward`` False: the engine runs the plain forward (a TorchScript export).
     """
     shrink, deeper = 1.0, 0.0
     for level, (f, s) in enumerate(zip(cfg.features, level_strides(cfg), strict=True)):
@@ -388,8 +388,8 @@ def plan_tiles(
 
     ``context``: voxels neighbouring windows (and slabs) share, one value or one per axis; by default
     as ``CONTEXT_COVERAGE`` says, and narrower (down to one stride) where a budget is too tight to split
-    the windows that far. ``lean_forward``: the windows run on the PyTorch U-Net's slab-wise forward
-    (False for an exported graph, which holds whole maps).
+    the windows that far. ``lean_forward``: the windows cost what the PyTorch U-Net's slab-wise forward costs
+    (see ``medunet.inference.backends.Engine``).
     """
     if context is None:
         plan_with = functools.partial(
