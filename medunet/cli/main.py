@@ -412,6 +412,17 @@ def infer(
         bool, typer.Option("--skip-existing", "--resume", help="Skip scans whose mask already exists.")
     ] = False,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow registry for models:/ URIs.")] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="K/N: segment only every N-th scan from the K-th (K from 0), for scheduler arrays; under torchrun "
+            "each process takes its RANK/WORLD_SIZE share. --stats then merges the shards' rows."
+        ),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(help="Refuse a scan unlike the model's training data (else a warning and a flag in --stats)."),
+    ] = False,
     backend: Annotated[
         BackendChoice,
         typer.Option(
@@ -429,11 +440,16 @@ def infer(
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from medunet.inference import expand_inputs, load_model, plan_jobs, run_jobs
-        from medunet.inference.batch import Extras, check_outputs
+        from medunet.inference.batch import STATS_COLUMNS, Extras, check_outputs
+        from medunet.inference.guard import TrainingRange, check_scan
         from medunet.inference.model import default_model_path
         from medunet.inference.predictor import InferOptions
+        from medunet.inference.shards import launcher_shard, merge_parts, parse_shard, part_path
         from medunet.inference.tiling import parse_memory
         from medunet.training.loop import resolve_device
+
+        part = parse_shard(shard) if shard else launcher_shard()
+        launched = part is not None and shard is None  # by torchrun: one device or share of the cores each
 
         options = InferOptions(
             probabilities=probabilities,
@@ -448,14 +464,29 @@ def infer(
         if stats is not None and stats.is_dir():
             raise ValueError(f"--stats {stats}: is a folder; give the CSV file to write")
         ref = model or default_model_path()
-        seg_model = load_model(ref, device=resolve_device(device), tracking_uri=tracking_uri, backend=str(backend))
+        where = resolve_device(device)
+        if launched:
+            where = _launched_device(where)
+        seg_model = load_model(ref, device=where, tracking_uri=tracking_uri, backend=str(backend))
         if model is None:
             print(f"using the default model {ref}", file=sys.stderr)
         if tta and not seg_model.infer.tta_axes:
             raise ValueError(f"--tta: {ref} was trained without mirroring, so mirrored copies would only hurt it")
+        guard = None
+        if seg_model.fingerprint is not None:
+            training = TrainingRange.from_fingerprint(seg_model.fingerprint)
+            guard = lambda image: check_scan(image, training)  # noqa: E731
+        elif strict:
+            raise ValueError(f"--strict: {ref} carries no fingerprint of its training data to compare scans with")
         jobs = plan_jobs(expand_inputs(inputs), output, seg_model.preprocess.spatial_dims)
         extras = Extras(stats=stats, qc=qc, dicom_seg=dicom_seg)
         check_outputs(jobs, probabilities, extras, [Path(arg) for arg in inputs if Path(arg).is_dir()])
+        if part is not None:
+            jobs = part.select(jobs)
+            if stats is not None:  # this shard's rows; merged with the others' below
+                extras = Extras(stats=part_path(stats, part), qc=qc, dicom_seg=dicom_seg)
+            if not quiet:
+                print(f"shard {part}: {len(jobs)} scan(s)", file=sys.stderr)
         columns = [TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=_stderr(), transient=True, disable=quiet or len(jobs) < 2) as bar:
             task = bar.add_task("segmenting", total=len(jobs))
@@ -468,6 +499,8 @@ def infer(
                 options=options,
                 extras=extras,
                 accept_damaged=accept_damaged_series,
+                guard=guard,
+                strict=strict,
                 on_error=lambda message: bar.console.print(
                     f"medunet: error: {message}", soft_wrap=True, markup=False, highlight=False
                 ),
@@ -476,7 +509,10 @@ def infer(
             print(f"wrote {path}")
         if result.skipped:
             print(f"skipped {len(result.skipped)} scan(s) whose mask exists")
-        if stats is not None and result.stats_error is None:
+        if stats is not None and result.stats_error is None and part is not None:
+            merged = merge_parts(stats, part.count, STATS_COLUMNS)
+            print(f"wrote {stats} ({merged.shards_done} of {merged.shards} shards so far)")
+        elif stats is not None and result.stats_error is None:
             print(f"wrote {stats}")
         if result.failed or result.stats_error:
             if len(jobs) > 1 and result.failed:
@@ -484,6 +520,20 @@ def infer(
             raise typer.Exit(1)
 
     _run(body)
+
+
+def _launched_device(device):  # type: ignore[no-untyped-def]
+    """Under torchrun: each process its own GPU (``LOCAL_RANK``), or an equal share of the CPU cores
+    (where torchrun's default would give each process one thread)."""
+    import torch
+
+    local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(1, local_size)))
+    return device
 
 
 def _parse_sizes(text: str, option: str) -> tuple[int, ...]:
