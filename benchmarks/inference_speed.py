@@ -54,8 +54,7 @@ from volumes import REPO, tiled_volume
 from medunet import runtime
 from medunet.evaluation import dice_per_class
 from medunet.inference import load_model
-from medunet.inference.backends import Backend
-from medunet.inference.export import with_backend
+from medunet.inference.backends import Engine
 from medunet.inference.model import SegmentationModel
 from medunet.inference.predictor import InferOptions, _to_input_grid, prepare, segment_prepared
 from medunet.inference.tiling import TilePlan, parse_memory, resident_memory
@@ -214,19 +213,28 @@ def main() -> None:
         del logits
         return _to_input_grid(prep, labels, None, resampled=False)[0].numpy()
 
+    graph: list[bytes] = []  # the ONNX graph, exported once for every runtime
+
     def backend_model(name: str) -> SegmentationModel:
-        if name == "openvino-bf16":
-            from medunet.inference.backends import OpenVinoEngine
-            from medunet.inference.export import to_onnx
-            from medunet.networks.topology import total_stride
+        """``model`` on backend ``name``, built before each timed run and dropped after it, so that
+        no runtime's buffers are resident while another is planned against the memory budget."""
+        if name == "torch":
+            return model
+        from medunet.inference.backends import OnnxRuntimeEngine, OpenVinoEngine
+        from medunet.inference.export import to_onnx
+        from medunet.networks.topology import total_stride
 
-            engine = OpenVinoEngine(to_onnx(model), total_stride(model.network_config), precision="bf16")
-            return replace(model, engine=engine)
-        return with_backend(model, Backend(name))
-
-    variants = {name: backend_model(name) for name in args.backends}
-    for variant in variants.values():  # warm-up: each runtime's first call compiles its kernels
-        variant.window_engine()(torch.zeros(1, model.network_config.in_channels, *model.preprocess.patch_size))
+        if not graph:
+            graph.append(to_onnx(model))
+        stride = total_stride(model.network_config)
+        engine: Engine
+        if name == "onnxruntime":
+            engine = OnnxRuntimeEngine(graph[0], stride)
+        else:
+            engine = OpenVinoEngine(graph[0], stride, precision="bf16" if name == "openvino-bf16" else "f32")
+        built = replace(model, engine=engine)
+        built.window_engine()(torch.zeros(1, model.network_config.in_channels, *model.preprocess.patch_size))
+        return built  # warmed up: a runtime's first call compiles its kernels
 
     def medunet_path(which: SegmentationModel = model) -> tuple[np.ndarray, TilePlan, tuple[int, ...]]:
         prep = prepare(volume, which)
@@ -255,16 +263,18 @@ def main() -> None:
         gc.collect()
         with PeakMemory() as mem:
             start = time.perf_counter()
-            ours, plan, prep_shape = medunet_path(variants[args.backends[0]])
+            ours, plan, prep_shape = medunet_path(backend_model(args.backends[0]))
             times_ours.append(time.perf_counter() - start)
         mems_ours.append(mem)
         for name, record in others.items():
+            variant = backend_model(name)
             gc.collect()
             with PeakMemory() as mem:
                 start = time.perf_counter()
-                record["labels"], record["plan"], _ = medunet_path(variants[name])
+                record["labels"], record["plan"], _ = medunet_path(variant)
                 record["times"].append(time.perf_counter() - start)
             record["mems"].append(mem)
+            del variant
     t_stock, t_ours = float(np.median(times_stock)), float(np.median(times_ours))
     mem_stock, mem_ours = mems_stock[0], mems_ours[0]
 

@@ -123,7 +123,10 @@ def build_bundle(
         + yaml.safe_dump(recipe, sort_keys=False)
     )
     (tmp / "configs" / "split.json").write_text(json.dumps(split, indent=1))
-    (tmp / layout.README).write_text(model_card(dest.name, cfg, card, history, split, version, command, cv))
+    card_text = model_card(
+        dest.name, cfg, card, history, split, version, command, cv, fingerprint=isinstance(fingerprint, str)
+    )
+    (tmp / layout.README).write_text(card_text)
     (tmp / layout.LICENSE).write_text(card.license_text or _default_license(card))
 
     old = dest.parent / f".{dest.name}.old"
@@ -249,6 +252,15 @@ def train_config(recipe: dict[str, Any], folds: int | None = None) -> dict[str, 
     }
 
 
+_FINGERPRINT_TEXT = """
+## Training fingerprint
+`configs/fingerprint.json` is the fingerprint of the training and validation cases (shape, spacing,
+orientation and intensities per case; `medunet.planning.fingerprint`). `medunet infer` compares every
+scan with it and warns about a scan unlike them (another modality, a blank volume, a far coarser
+spacing, a much smaller or larger field of view); `--strict` refuses such a scan.
+"""
+
+
 def model_card(
     name: str,
     cfg: ExperimentConfig,
@@ -258,6 +270,7 @@ def model_card(
     version: str,
     command: str,
     cv: dict[str, Any] | None = None,
+    fingerprint: bool = False,
 ) -> str:
     pre, net, tc = cfg.preprocess, cfg.network, cfg.train
     best = max((h for h in history if "dice_mean" in h), key=lambda h: h["dice_mean"], default={})
@@ -323,7 +336,7 @@ python -m monai.bundle run --config_file bundles/{name}/configs/inference.json \
 ```
 Input: {net.in_channels} channel(s) ({", ".join(pre.channels)}). Output: a label map
 ({", ".join(f"{i} {n}" for i, n in enumerate(pre.label_names))}) on the input's grid.
-
+{_FINGERPRINT_TEXT if fingerprint else ""}
 ## Limitations
 {card.limitations or DEFAULT_LIMITATIONS}
 Research use only.

@@ -426,10 +426,18 @@ def infer(
     backend: Annotated[
         BackendChoice,
         typer.Option(
-            help="Where the network runs: torch, onnxruntime or openvino (optional extras); auto: torch for "
-            "PyTorch models, OpenVINO (else ONNX Runtime) for exported ones."
+            help="Where the network runs: torch, onnxruntime or openvino (optional extras); auto: OpenVINO on the "
+            "CPU when it is installed and the model has its graph (an exported file, a bundle's models/model.onnx), "
+            "else torch."
         ),
     ] = BackendChoice.AUTO,
+    full_precision: Annotated[
+        bool,
+        typer.Option(
+            help="Keep OpenVINO in float32 (by default it uses bfloat16 on CPUs that have it: about 2x faster, "
+            "masks differing in a few voxels in 100,000)."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Verbose = False,
 ) -> None:
@@ -467,9 +475,12 @@ def infer(
         where = resolve_device(device)
         if launched:
             where = _launched_device(where)
-        seg_model = load_model(ref, device=where, tracking_uri=tracking_uri, backend=str(backend))
+        seg_model = load_model(
+            ref, device=where, tracking_uri=tracking_uri, backend=str(backend), full_precision=full_precision
+        )
         if model is None:
             print(f"using the default model {ref}", file=sys.stderr)
+        logging.getLogger("medunet").info("running the network on %s", seg_model.window_engine().describe())
         if tta and not seg_model.infer.tta_axes:
             raise ValueError(f"--tta: {ref} was trained without mirroring, so mirrored copies would only hurt it")
         guard = None

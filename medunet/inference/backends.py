@@ -62,6 +62,8 @@ class Engine(Protocol):
     @property
     def device(self) -> torch.device: ...
 
+    def describe(self) -> str: ...
+
     def __call__(self, window: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -78,6 +80,9 @@ class TorchEngine:
     @property
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
+
+    def describe(self) -> str:
+        return f"torch on {self.device}"
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -117,6 +122,9 @@ class _GraphEngine:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def describe(self) -> str:
+        return str(self.backend)
+
     def _run(self, x: Any) -> Any:
         raise NotImplementedError
 
@@ -141,12 +149,15 @@ class OnnxRuntimeEngine(_GraphEngine):
 
 
 class OpenVinoEngine(_GraphEngine):
-    """OpenVINO's CPU plugin. ``precision`` "f32" keeps PyTorch's logits to rounding; "bf16" (where the
-    CPU has bfloat16 instructions) is faster and moves logits by about 0.1."""
+    """OpenVINO's CPU plugin. ``precision``: None for the plugin's fastest (bfloat16 on CPUs with
+    bfloat16 instructions, else float32), or "f32" to keep PyTorch's logits up to rounding. In
+    bfloat16 logits move by about 0.1 and masks by a few voxels in 100,000 (README, "Backends")."""
 
     backend = Backend.OPENVINO
 
-    def __init__(self, model: Any, stride: Sequence[int], threads: int | None = None, precision: str = "f32") -> None:
+    def __init__(
+        self, model: Any, stride: Sequence[int], threads: int | None = None, precision: str | None = None
+    ) -> None:
         require(Backend.OPENVINO)
         import openvino as ov
 
@@ -156,13 +167,19 @@ class OpenVinoEngine(_GraphEngine):
             model = core.read_model(model=model, weights=b"")
         elif isinstance(model, str):  # an ONNX file or OpenVINO IR (.xml beside its .bin)
             model = core.read_model(model)
-        config = {
-            "INFERENCE_PRECISION_HINT": precision,
+        config: dict[str, Any] = {
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
         }
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = precision
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # "bf16", "f32"
+
+    def describe(self) -> str:
+        return f"openvino ({self.precision})"
 
     def _run(self, x: Any) -> Any:
         self.request.infer({0: x})

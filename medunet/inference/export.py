@@ -145,8 +145,11 @@ def require_export() -> None:
         raise BackendError(f"exporting needs {' and '.join(missing)} (pip install 'medunet[onnx]')")
 
 
-def engine_for(model: SegmentationModel, backend: Backend, onnx_model: bytes | None = None) -> Engine:
-    """An engine running ``model``'s network on ``backend`` (its graph exported in memory if needed)."""
+def engine_for(
+    model: SegmentationModel, backend: Backend, onnx_model: bytes | None = None, full_precision: bool = False
+) -> Engine:
+    """An engine running ``model``'s network on ``backend`` (its graph exported in memory if needed);
+    ``full_precision`` keeps OpenVINO in float32 where it would use bfloat16."""
     if backend is Backend.TORCH:
         return TorchEngine(_torch_network(model), channels_last=model.preprocess.spatial_dims == 3)
     require(backend)
@@ -154,7 +157,7 @@ def engine_for(model: SegmentationModel, backend: Backend, onnx_model: bytes | N
     stride = total_stride(model.network_config)
     if backend is Backend.ONNXRUNTIME:
         return OnnxRuntimeEngine(graph, stride)
-    return OpenVinoEngine(graph, stride)
+    return OpenVinoEngine(graph, stride, precision="f32" if full_precision else None)
 
 
 # --- reading an exported model -------------------------------------------------------------------
@@ -198,9 +201,9 @@ def require_export_reader() -> None:
         raise BackendError("reading an .onnx model needs onnx (pip install 'medunet[onnx]')")
 
 
-def load_exported(path: Path, backend: Backend = Backend.AUTO) -> SegmentationModel:
-    """A model from an exported ONNX file or OpenVINO IR, run by ``backend`` (auto: the one the file is
-    for; for ONNX, OpenVINO when it is installed, else ONNX Runtime)."""
+def load_exported(path: Path, backend: Backend = Backend.AUTO, full_precision: bool = False) -> SegmentationModel:
+    """A model from an exported ONNX file or OpenVINO IR, run by ``backend`` (auto: OpenVINO when it
+    is installed, else ONNX Runtime for an ONNX file)."""
     meta = read_metadata(path)
     source = str(path)
     net = from_dict(NetworkConfig, meta["network"], where=f"{source}:network")
@@ -215,7 +218,9 @@ def load_exported(path: Path, backend: Backend = Backend.AUTO) -> SegmentationMo
     if is_ir and backend is not Backend.OPENVINO:
         raise InputError(path, "is an OpenVINO model; run it with --backend openvino")
     engine: Engine = (
-        OnnxRuntimeEngine(source, stride) if backend is Backend.ONNXRUNTIME else OpenVinoEngine(source, stride)
+        OnnxRuntimeEngine(source, stride)
+        if backend is Backend.ONNXRUNTIME
+        else OpenVinoEngine(source, stride, precision="f32" if full_precision else None)
     )
     fingerprint = read_fingerprint(meta.get("fingerprint"), source)
     return SegmentationModel(None, net, pre, inf, source, fingerprint, engine)
@@ -261,6 +266,9 @@ class _Compared:
     @property
     def device(self) -> torch.device:
         return self.engine.device
+
+    def describe(self) -> str:
+        return self.engine.describe()
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         out = self.engine(window)
@@ -364,6 +372,9 @@ def _export_torchscript(model: SegmentationModel, output: Path, check_on: Sequen
         def device(self) -> torch.device:
             return torch.device("cpu")
 
+        def describe(self) -> str:
+            return "torchscript"
+
         def __call__(self, window: torch.Tensor) -> torch.Tensor:
             return scripted(window.float())  # type: ignore[no-any-return]
 
@@ -376,17 +387,28 @@ def _export_torchscript(model: SegmentationModel, output: Path, check_on: Sequen
 # --- choosing the backend ------------------------------------------------------------------------
 
 
-def with_backend(model: SegmentationModel, backend: Backend, onnx_file: Path | None = None) -> SegmentationModel:
+def with_backend(
+    model: SegmentationModel, backend: Backend, onnx_file: Path | None = None, full_precision: bool = False
+) -> SegmentationModel:
     """``model`` with its windows run by ``backend``; ``onnx_file`` (a bundle's ``models/model.onnx``)
-    is used instead of exporting the graph again. ``auto`` is PyTorch: on this project's CPUs it ran
-    the shipped models fastest at full precision (``benchmarks/inference_speed.py --backends``)."""
-    if backend in (Backend.TORCH, Backend.AUTO):
+    is used instead of exporting the graph again.
+
+    ``auto``: OpenVINO where it is installed, the model runs on the CPU and its graph is at hand
+    (``onnx_file``), else PyTorch. On this project's CPUs OpenVINO ran the shipped model 1.2x faster
+    than PyTorch in float32 and 2.2x faster in bfloat16 (``benchmarks/inference_speed.py --backends``);
+    exporting a graph first costs more than that saves on a few scans, so without one PyTorch runs.
+    """
+    on_cpu = model.network is None or next(model.network.parameters()).device.type == "cpu"
+    if backend is Backend.AUTO:
+        fast = onnx_file is not None and on_cpu and installed(Backend.OPENVINO)
+        backend = Backend.OPENVINO if fast else Backend.TORCH
+    if backend is Backend.TORCH:
         return model
     require(backend)
-    if model.network is not None and next(model.network.parameters()).device.type != "cpu":
+    if not on_cpu:
         raise BackendError(f"--backend {backend} runs on the CPU; use --device cpu (or --backend torch on a GPU)")
     graph: bytes | None = None
     if onnx_file is not None:
         read_metadata(onnx_file)  # one of ours
         graph = onnx_file.read_bytes()
-    return replace(model, engine=engine_for(model, backend, graph))
+    return replace(model, engine=engine_for(model, backend, graph, full_precision))

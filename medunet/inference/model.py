@@ -125,7 +125,8 @@ def load_model(
     ref: str | Path,
     device: str | torch.device = "cpu",
     tracking_uri: str | None = None,
-    backend: Backend | str = Backend.AUTO,
+    backend: Backend | str | None = None,
+    full_precision: bool = False,
 ) -> SegmentationModel:
     """Load a model from a checkpoint (``best.pt``), a run folder, a cross-validation run folder (its
     folds' ``best.pt`` as one ensemble), a medunet MONAI bundle folder, a registry URI
@@ -134,25 +135,26 @@ def load_model(
 
     ``backend`` runs the windows: PyTorch, ONNX Runtime or OpenVINO (a PyTorch model's graph is then
     taken from its bundle's ``models/model.onnx`` or exported in memory), or ``auto``: see
-    ``medunet.inference.export.with_backend``.
+    ``medunet.inference.export.with_backend``. By default a PyTorch model runs in PyTorch and an
+    exported graph as ``auto`` says. ``full_precision`` keeps OpenVINO in float32.
 
     Nothing is executed while loading: configs are read as data, weights with ``weights_only``.
     """
-    backend = Backend(backend)
     path = Path(ref)
     if not is_registry_uri(ref) and path.suffix.lower() in (".onnx", ".xml"):
         from medunet.inference.export import load_exported
 
         if not path.is_file():
             raise InputError(path, "no such model file")
-        return load_exported(path, backend)
+        return load_exported(path, Backend(backend or Backend.AUTO), full_precision)
     model = _load_torch_model(ref, device, tracking_uri)
-    if backend is Backend.TORCH:
+    if backend is None or Backend(backend) is Backend.TORCH:
         return model
     from medunet.inference.export import with_backend
 
     onnx_file = path / "models" / "model.onnx" if is_bundle(path) else None
-    return with_backend(model, backend, onnx_file if onnx_file is not None and onnx_file.is_file() else None)
+    graph = onnx_file if onnx_file is not None and onnx_file.is_file() else None
+    return with_backend(model, Backend(backend), graph, full_precision)
 
 
 def _load_torch_model(ref: str | Path, device: str | torch.device, tracking_uri: str | None) -> SegmentationModel:
