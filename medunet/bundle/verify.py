@@ -66,6 +66,34 @@ def verify_bundle(path: Path) -> list[str]:
         y = model.window_engine()(torch.zeros(1, inp["num_channels"], *shape))
     if tuple(y.shape) != (1, out["num_channels"], *[int(s) for s in out["spatial_shape"]]):
         problems.append(f"network maps {shape} to {tuple(y.shape)}, not what metadata says")
+    return problems + onnx_problems(path, model)
+
+
+def onnx_problems(path: Path, model: Any) -> list[str]:
+    """A bundle's ``models/model.onnx`` (optional) must be the same model: network, labels, preprocessing."""
+    graph = path / "models" / "model.onnx"
+    if not graph.is_file():
+        return []
+    import dataclasses
+
+    from medunet.inference.backends import BackendError
+    from medunet.inference.export import read_metadata
+
+    try:
+        meta = json.loads(json.dumps(read_metadata(graph)))
+    except BackendError:  # onnx is not installed here: the graph cannot be read, and is not needed
+        return []
+    except MedunetError as exc:
+        return [str(exc)]
+    problems = []
+    ours = {
+        "network": dataclasses.asdict(model.network_config),
+        "preprocess": dataclasses.asdict(model.preprocess),
+        "label_values": list(model.label_values),
+    }
+    for key, value in json.loads(json.dumps(ours)).items():
+        if meta.get(key) != value:
+            problems.append(f"models/model.onnx: its {key} differs from the bundle's; export it again")
     return problems
 
 

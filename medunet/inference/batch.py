@@ -1,4 +1,5 @@
-"""Segmenting many scans: output naming, per-file errors that do not stop the others."""
+"""Segmenting many scans: read, network and write stages in a pipeline; output naming; per-file errors
+that do not stop the others."""
 
 from __future__ import annotations
 

@@ -173,3 +173,18 @@ def test_cli_export_then_infer_with_each_backend(data_dir: Path, tmp_path: Path)
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"medunet: error: {out}: is an exported graph")
+
+
+def test_auto_runs_openvino_only_where_the_graph_is_at_hand(tmp_path: Path) -> None:
+    import shutil
+
+    shipped = load_model(BUNDLE, backend=Backend.AUTO)  # the default bundle ships models/model.onnx
+    assert (BUNDLE / "models" / "model.onnx").is_file()
+    assert shipped.window_engine().backend is Backend.OPENVINO
+    assert load_model(BUNDLE).window_engine().backend is Backend.TORCH  # the Python API's default: PyTorch
+    full = load_model(BUNDLE, backend=Backend.OPENVINO, full_precision=True)
+    assert full.window_engine().describe() == "openvino (f32)"
+    bare = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bare)
+    (bare / "models" / "model.onnx").unlink()
+    assert load_model(bare, backend=Backend.AUTO).window_engine().backend is Backend.TORCH  # no export on the fly
