@@ -49,6 +49,9 @@ class Timed:
     def describe(self) -> str:
         return self.engine.describe()
 
+    def release(self) -> None:
+        self.engine.release()
+
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         out = self.engine(window)

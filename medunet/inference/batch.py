@@ -395,16 +395,16 @@ def run_jobs(
         if pending is None:
             return
         job, future = pending
-        pending = None
         try:
-            job_rows = future.result()
+            job_rows = future.result()  # pending is kept until then: a Ctrl-C while waiting settles it later
         except JOB_ERRORS as exc:
+            pending = None
             fail(job, exc)
         else:
+            pending = None
             result.written.append(job.output)
             rows.extend(job_rows)
-        finally:
-            done(job)
+        done(job)
 
     try:
         upcoming = reader.submit(read, todo[0]) if todo else None

@@ -270,6 +270,9 @@ class _Compared:
     def describe(self) -> str:
         return self.engine.describe()
 
+    def release(self) -> None:
+        self.engine.release()
+
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         out = self.engine(window)
         ref = self.reference(window).float()
@@ -296,6 +299,7 @@ def check_export(model: SegmentationModel, engine: Engine, scans: Sequence[Seque
         agreement = float((expected.labels == got.labels).float().mean())
         # the exported run also ran PyTorch on each window: count its time once
         checks.append(ScanCheck(str(scan[0]), compared.max_difference, agreement, middle - start, end - middle))
+        del expected, got  # before the next scan is planned against the memory budget
     return checks
 
 
@@ -374,6 +378,9 @@ def _export_torchscript(model: SegmentationModel, output: Path, check_on: Sequen
 
         def describe(self) -> str:
             return "torchscript"
+
+        def release(self) -> None:
+            pass
 
         def __call__(self, window: torch.Tensor) -> torch.Tensor:
             return scripted(window.float())  # type: ignore[no-any-return]

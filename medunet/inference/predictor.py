@@ -164,6 +164,7 @@ def predict(prep: Prepared, model: SegmentationModel, options: InferOptions) -> 
     shape = tuple(x.shape[1:])
     budget = options.max_memory or default_memory_budget()
     resampled = any(isinstance(t, Spacingd) for t in prep.transform.transforms)
+    engine.release()
     release_free_memory()  # pages a previous scan freed are not taken
     committed = resident_memory() + 2 * math.prod(prep.input_shape)  # + the uint8 masks on both grids
     if options.probabilities:
