@@ -38,7 +38,7 @@ from volumes import REPO
 
 from medunet import runtime
 from medunet.inference import expand_inputs, load_model, plan_jobs, run_jobs
-from medunet.inference.batch import Extras, Job
+from medunet.inference.batch import Extras, Job, scan_name
 
 
 def main() -> None:
@@ -52,6 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     runtime.enable_allocator_tuning()  # as the command line does
     model = load_model(args.model, backend=args.backend)
+    runtime.settle_heap()
     scans = expand_inputs(args.scans)[: args.limit]
     print(f"{len(scans)} scans from {args.scans[0]}{' ...' if len(args.scans) > 1 else ''}; model {args.model}")
 
@@ -76,7 +77,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="medunet-batch-") as tmp:
         for name in args.ways:
             out = Path(tmp) / name
-            jobs = plan_jobs(scans, out, model.preprocess.spatial_dims)
+            if len({scan_name(s[0]) for s in scans}) == len(scans):
+                jobs = plan_jobs(scans, out, model.preprocess.spatial_dims)
+            else:  # one file name in every case folder (BraTS): name the masks by their folders
+                jobs = [Job(s, out / f"{s[0].parent.name}.nii.gz") for s in scans]
             with PeakMemory() as mem:
                 start = time.perf_counter()
                 ways[name](jobs, out / "stats.csv")

@@ -175,6 +175,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = load_model(args.model, device=device)
+    runtime.settle_heap()  # as the command line does once its model is loaded
     if args.scan:
         if args.label is None:
             parser.error("--scan needs its --label")

@@ -67,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     runtime.enable_allocator_tuning()
     model = load_model(args.model, backend=args.backend)
+    runtime.settle_heap()
     timed = Timed(model.window_engine())
     model = replace(model, engine=timed)
     scans = expand_inputs(args.scans)

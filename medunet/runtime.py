@@ -10,7 +10,12 @@ application keeps its own stderr, signal handlers and warning filters. The ``med
 - turns SIGTERM into the same clean stop as Ctrl-C (temporary files removed, statistics of the scans
   already written kept);
 - lets inference tune glibc's allocator while windows run (``enable_allocator_tuning``; see
-  ``medunet.inference.tiling.freed_pages_kept``). A host application may opt in the same way.
+  ``medunet.inference.tiling.freed_pages_kept``). A host application may opt in the same way;
+- once the model is loaded, moves every object alive into the garbage collector's permanent
+  generation (``settle_heap``): inference collects garbage before planning each scan (the previous
+  scan's cycles must not count as taken memory), and a full collection over the heap that the
+  libraries' imports leave (PyTorch, MONAI, the export and OpenVINO modules) took 0.27 s per scan,
+  78% of a small scan's time.
 """
 
 from __future__ import annotations
@@ -60,6 +65,16 @@ def enable_allocator_tuning(enabled: bool = True) -> None:
 
 def allocator_tuning() -> bool:
     return _allocator_tuning
+
+
+def settle_heap() -> None:
+    """Collect garbage, then exempt what is left (modules, the loaded model) from later collections
+    (``gc.freeze``): they stay alive for the whole run, and a later full collection scans only what
+    was made since. Objects frozen here that become garbage in a reference cycle are not collected."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 class Terminated(KeyboardInterrupt):

@@ -447,6 +447,7 @@ def infer(
     def body() -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        from medunet import runtime
         from medunet.inference import expand_inputs, load_model, plan_jobs, run_jobs
         from medunet.inference.batch import STATS_COLUMNS, Extras, check_outputs
         from medunet.inference.guard import TrainingRange, check_scan
@@ -480,7 +481,8 @@ def infer(
         )
         if model is None:
             print(f"using the default model {ref}", file=sys.stderr)
-        logging.getLogger("medunet").info("running the network on %s", seg_model.window_engine().describe())
+        runtime.settle_heap()
+        logging.getLogger("medunet").debug("running the network on %s", seg_model.window_engine().describe())
         if tta and not seg_model.infer.tta_axes:
             raise ValueError(f"--tta: {ref} was trained without mirroring, so mirrored copies would only hurt it")
         guard = None

@@ -338,8 +338,10 @@ def run_jobs(
         flags = list(loaded.checked or [])  # type: ignore[call-overload]
         if flags and strict:
             raise InputError(job.name, f"refused (--strict): unlike the training data: {describe_flags(flags)}")
-        if flags:
-            log.warning("%s: unlike the training data: %s", job.name, describe_flags(flags))
+        # a blank scan's own warning (its mask is left empty) says what the guard's "blank" would
+        shown = [f for f in flags if not (f.code == "blank" and loaded.blank is not None)]
+        if shown:
+            log.warning("%s: unlike the training data: %s", job.name, describe_flags(shown))
         return loaded
 
     def write(job: Job, predicted: Predicted, loaded: LoadedScan) -> list[dict[str, object]]:

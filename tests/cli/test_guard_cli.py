@@ -39,12 +39,16 @@ def test_a_ct_scan_into_the_mri_model_is_flagged_and_strict_refuses_it(data_dir:
     assert len(errors) == 1 and errors[0].startswith(f"medunet: error: {ct}: refused (--strict): unlike the training")
 
 
-def test_a_blank_scan_is_flagged_and_gets_an_empty_mask(data_dir: Path, tmp_path: Path) -> None:
+def test_a_blank_scan_is_refused_with_strict(data_dir: Path, tmp_path: Path) -> None:
     ref = nib.load(data_dir / "msd_hippocampus" / "images" / "hippocampus_004.nii.gz")
     blank = tmp_path / "blank.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros(ref.shape, np.float32), ref.affine), blank)
     out = tmp_path / "mask.nii.gz"
-    proc = subprocess.run([*MEDUNET, "infer", str(blank), "-o", str(out), "-q"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert f"medunet: warning: {blank}: unlike the training data: every voxel holds the same value (0)" in proc.stderr
-    assert not np.asarray(nib.load(out).dataobj).any()
+    proc = subprocess.run(
+        [*MEDUNET, "infer", str(blank), "-o", str(out), "-q", "--strict"], capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and not out.exists()
+    assert proc.stderr.strip() == (
+        f"medunet: error: {blank}: refused (--strict): unlike the training data: "
+        "every voxel holds the same value (0): nothing to segment"
+    )

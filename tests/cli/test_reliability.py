@@ -88,7 +88,8 @@ def test_damaged_dicom_series_is_refused_with_the_missing_position(tmp_path: Pat
     assert accepted.returncode == 0, accepted.stderr
     assert nib.load(out).shape == (512, 512, 7)
     warnings = stderr_lines(accepted)
-    assert len(warnings) == 1 and warnings[0].startswith(f"medunet: warning: {series}: reading DICOM series 1 as asked")
+    assert len(warnings) == 2 and warnings[0].startswith(f"medunet: warning: {series}: reading DICOM series 1 as asked")
+    assert warnings[1].startswith(f"medunet: warning: {series}: unlike the training data: ")  # a CT, an MRI model
     assert "Non uniform sampling" not in accepted.stderr  # ITK's own words only with -v
     verbose = medunet("infer", str(series), "-o", str(out), "--model", MODEL, "--accept-damaged-series", "-q", "-v")
     assert verbose.returncode == 0 and "Non uniform sampling or missing slices detected" in verbose.stderr
@@ -174,3 +175,4 @@ def test_a_blank_scan_gets_a_warning_and_an_empty_mask(tmp_path: Path) -> None:
     ]
     assert not np.asarray(nib.load(out).dataobj).any()
     assert [line.split(",")[3] for line in stats.read_text().splitlines()[1:]] == ["0", "0"]
+    assert [line.split(",")[5] for line in stats.read_text().splitlines()[1:]] == ["blank", "blank"]  # the guard's flag
