@@ -717,6 +717,14 @@ def export(
         ),
     ],
     fmt: Annotated[ExportChoice, typer.Option("--format", help="onnx, openvino or torchscript.")] = ExportChoice.ONNX,
+    int8_validate_on: Annotated[
+        Path | None,
+        typer.Option(
+            "--int8",
+            help="Quantize to INT8 (onnx, openvino; calibrated on the --check-on scans) and write it only if its mean "
+            "Dice on this labelled dataset (any layout `medunet plan` reads) is within 0.005 of the float model's.",
+        ),
+    ] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow registry for models:/ URIs.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     verbose: Verbose = False,
@@ -729,7 +737,14 @@ def export(
         from medunet.inference.export import ExportFormat, export_model
 
         seg_model = load_model(model, tracking_uri=tracking_uri)
-        report = export_model(seg_model, ExportFormat(str(fmt)), output, expand_inputs(check_on))
+        validation = None
+        if int8_validate_on is not None:
+            from medunet.data.layouts import read_dataset
+
+            if fmt is ExportChoice.TORCHSCRIPT:
+                raise ValueError("--int8 quantizes an ONNX or OpenVINO export, not TorchScript")
+            validation = read_dataset(int8_validate_on).cases
+        report = export_model(seg_model, ExportFormat(str(fmt)), output, expand_inputs(check_on), validation)
         print(f"wrote {report.describe()}")
 
     _run(body)

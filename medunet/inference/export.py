@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from medunet.config import InferConfig, NetworkConfig, PreprocessConfig, from_dict
+from medunet.data.manifest import Case
 from medunet.errors import InputError
 from medunet.inference.backends import (
     Backend,
@@ -243,9 +244,12 @@ class ExportReport:
     output: Path
     format: ExportFormat
     checks: tuple[ScanCheck, ...]
+    quantization: str | None = None  # the INT8 graph's Dice against the float graph's, when quantized
 
     def describe(self) -> str:
-        lines = [f"{self.output} ({self.format})"]
+        lines = [f"{self.output} ({self.format}{', INT8' if self.quantization else ''})"]
+        if self.quantization:
+            lines.append(f"  {self.quantization}")
         for c in self.checks:
             lines.append(
                 f"  {Path(c.scan).name}: largest logit difference {c.max_logit_difference:.2e}, "
@@ -308,9 +312,14 @@ def export_model(
     fmt: ExportFormat,
     output: Path,
     check_on: Sequence[Sequence[Path]],
+    int8_validation: Sequence[Case] | None = None,
 ) -> ExportReport:
     """Export ``model`` to ``output`` (a bundle folder: its ``models/model.onnx``), checked first on
-    ``check_on`` (real scans, each a list of channel files or a DICOM folder)."""
+    ``check_on`` (real scans, each a list of channel files or a DICOM folder).
+
+    ``int8_validation``: quantize to INT8 (calibrated on ``check_on``) and write it only if its mean
+    Dice on these labelled cases is within ``quantize.MAX_DICE_LOSS`` of the float graph's; its masks
+    are then compared with PyTorch's and reported, not held to ``MIN_AGREEMENT``."""
     if not check_on:
         raise InputError(output, "an export is checked on real scans before it is written; give --check-on SCAN")
     if output.is_dir():
@@ -320,6 +329,19 @@ def export_model(
     if fmt is ExportFormat.TORCHSCRIPT:
         return _export_torchscript(model, output, check_on)
     graph = to_onnx(model)
+    quantized = None
+    if int8_validation is not None:
+        from medunet.inference.quantize import MAX_DICE_LOSS, compare_on_cases, quantize_int8
+
+        int8 = quantize_int8(model, graph, check_on)
+        quantized = compare_on_cases(model, graph, int8, int8_validation)
+        if quantized.loss >= MAX_DICE_LOSS:
+            raise InputError(
+                output,
+                f"not written: {quantized.describe()}; INT8 is offered only where it loses under {MAX_DICE_LOSS} Dice",
+            )
+        measured = {"cases": quantized.cases, "dice_float": quantized.dice_float, "dice_int8": quantized.dice_int8}
+        graph = _with_metadata(int8, {**export_metadata(model), "quantization": {"int8": True, **measured}})
     if fmt is ExportFormat.ONNX:
         engine: Engine = (
             OnnxRuntimeEngine(graph, total_stride(model.network_config))
@@ -328,13 +350,26 @@ def export_model(
         )
     else:
         engine = engine_for(model, Backend.OPENVINO, graph)
-    checks = _checked(check_export(model, engine, check_on), output)
+    checks = check_export(model, engine, check_on)
+    if quantized is None:
+        _checked(checks, output)
     if fmt is ExportFormat.ONNX:
         with atomic_path(output) as tmp:
             tmp.write_bytes(graph)
     else:
         _write_openvino(graph, model, output)
-    return ExportReport(output, fmt, tuple(checks))
+    return ExportReport(output, fmt, tuple(checks), quantized.describe() if quantized is not None else None)
+
+
+def _with_metadata(graph: bytes, meta: dict[str, Any]) -> bytes:
+    import onnx
+
+    proto = onnx.load_from_string(graph)
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    data: bytes = proto.SerializeToString()
+    return data
 
 
 def _checked(checks: list[ScanCheck], output: Path) -> list[ScanCheck]:

@@ -188,3 +188,32 @@ def test_auto_runs_openvino_only_where_the_graph_is_at_hand(tmp_path: Path) -> N
     shutil.copytree(BUNDLE, bare)
     (bare / "models" / "model.onnx").unlink()
     assert load_model(bare, backend=Backend.AUTO).window_engine().backend is Backend.TORCH  # no export on the fly
+
+
+def test_int8_is_written_only_where_it_keeps_the_dice(
+    model, scans, data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from medunet.data.layouts import read_dataset
+
+    val = tmp_path / "val"
+    for sub in ("images", "labels"):
+        (val / sub).mkdir(parents=True)
+    for n in ("017", "023", "041"):  # validation patients of the shipped model (configs/split.json)
+        for sub in ("images", "labels"):
+            (val / sub / f"hippocampus_{n}.nii.gz").symlink_to(
+                data_dir / "msd_hippocampus" / sub / f"hippocampus_{n}.nii.gz"
+            )
+    cases = read_dataset(val).cases
+    out = tmp_path / "int8.onnx"
+    report = export_model(model, ExportFormat.ONNX, out, scans, int8_validation=cases)
+    assert report.quantization is not None and report.quantization.startswith("INT8 on 3 validation case(s)")
+    quantization = read_metadata(out)["quantization"]
+    assert quantization["int8"] and quantization["cases"] == 3
+    assert quantization["dice_float"] - quantization["dice_int8"] < 0.005
+    assert min(c.agreement for c in report.checks) > 0.99  # reported, not held to 99.9%
+
+    monkeypatch.setattr("medunet.inference.quantize.MAX_DICE_LOSS", -1.0)  # no loss at all allowed: refused
+    refused = tmp_path / "refused.onnx"
+    with pytest.raises(InputError, match="not written: INT8 on 3 validation case"):
+        export_model(model, ExportFormat.ONNX, refused, scans[:1], int8_validation=cases)
+    assert not refused.exists()
