@@ -30,27 +30,18 @@ from volumes import REPO
 
 from medunet import runtime
 from medunet.inference import expand_inputs, load_model
+from medunet.inference.backends import Engine, WrappedEngine
 from medunet.inference.batch import write_segmentation
 from medunet.inference.predictor import InferOptions, finish, finish_scan, load_scan, predict
 from medunet.io import load_image
 
 
-class Timed:
+class Timed(WrappedEngine):
     """An engine that counts the seconds spent in the network."""
 
-    def __init__(self, engine) -> None:  # type: ignore[no-untyped-def]
-        self.engine, self.seconds = engine, 0.0
-        self.backend, self.lean_forward = engine.backend, engine.lean_forward
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    def describe(self) -> str:
-        return self.engine.describe()
-
-    def release(self) -> None:
-        self.engine.release()
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.seconds = 0.0
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()

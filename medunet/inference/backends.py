@@ -96,6 +96,27 @@ class TorchEngine:
         return self.network(window)
 
 
+class WrappedEngine:
+    """An engine around another, to observe its windows: all but the call is the wrapped engine's."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.backend, self.lean_forward = engine.backend, engine.lean_forward
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def describe(self) -> str:
+        return self.engine.describe()
+
+    def release(self) -> None:
+        self.engine.release()
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        return self.engine(window)
+
+
 class _GraphEngine:
     """A window padded to the graph's stride multiples, run, and its logits cropped back.
 

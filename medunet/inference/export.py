@@ -39,6 +39,7 @@ from medunet.inference.backends import (
     OnnxRuntimeEngine,
     OpenVinoEngine,
     TorchEngine,
+    WrappedEngine,
     installed,
     require,
 )
@@ -259,23 +260,13 @@ class ExportReport:
         return "\n".join(lines)
 
 
-class _Compared:
+class _Compared(WrappedEngine):
     """``engine``'s logits for each window, beside PyTorch's on the same window: the largest difference."""
 
     def __init__(self, engine: Engine, reference: Engine) -> None:
-        self.engine, self.reference = engine, reference
-        self.backend, self.lean_forward = engine.backend, engine.lean_forward
+        super().__init__(engine)
+        self.reference = reference
         self.max_difference = 0.0
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    def describe(self) -> str:
-        return self.engine.describe()
-
-    def release(self) -> None:
-        self.engine.release()
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         out = self.engine(window)
