@@ -16,6 +16,7 @@ from monai.inferers.utils import _get_scan_interval
 
 import medunet
 from medunet.config import NetworkConfig
+from medunet.inference.backends import TorchEngine
 from medunet.inference.predictor import _blend, _predictor, prepare
 from medunet.inference.tiling import (
     CONTEXT_COVERAGE,
@@ -130,7 +131,7 @@ def test_slabs_and_small_windows_agree_with_one_pass(tiny_model: Path, tmp_path:
     img, _ = make_blob_case(tmp_path, "big", seed=4, shape=(64, 72, 90))
     x = prepare(load_image(img, 3), model).x.as_tensor()
     shape, cfg, patch = tuple(x.shape[1:]), model.network_config, model.preprocess.patch_size
-    run = _predictor(model.network, (), channels_last=False)
+    run = _predictor(TorchEngine(model.network, channels_last=False), ())
     one_plan = plan_tiles(shape, cfg, patch, budget=4 * GiB, committed=0, num_classes=3)
     assert one_plan.slab == 90 and math.prod(one_plan.layout.counts) == 1 and not one_plan.half_blend
     cut_plan = plan_tiles(shape, cfg, patch, budget=7 * MiB, committed=0, num_classes=3)
