@@ -16,6 +16,13 @@ DATA = Path(os.environ.get("MEDUNET_TEST_DATA", REPO.parent / "shared" / "data")
 
 def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    # Scans segmented inside this process are planned against a fixed 4 GiB rather than the default
+    # (a quarter of the machine, at most 2 GiB, less what the process holds): by the end of the suite
+    # the process holds every test's libraries (OpenVINO, ONNX Runtime, the ONNX exporter), about
+    # 1.6 GiB, which left no room under 2 GiB. The command runs the tests start keep the real default.
+    from medunet.inference import predictor
+
+    predictor.default_memory_budget = lambda: 4 * 1024**3
 
 
 @pytest.fixture(scope="session")
