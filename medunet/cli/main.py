@@ -185,86 +185,17 @@ def train(
     _setup_logging(quiet or not world.is_main, verbose)
 
     def body() -> None:
-        import contextlib
-
-        import yaml
-
         from medunet.config import load_config
-        from medunet.training import TrainRequest
-        from medunet.training import train as run_training
-        from medunet.training.crossval import cross_validate, format_summary
-        from medunet.training.distributed import close_world
+        from medunet.training.job import Tracking, TrainJob, config_overrides, run_job
 
-        if (config is None) == (dataset is None):
-            raise ValueError("give one of --config (a config or plan YAML) and --dataset (a dataset to plan)")
-        if dataset is None and (time_budget or patient_regex):
-            raise ValueError("--time-budget and --patient-regex plan a --dataset; edit the config instead")
-        config_path = config
-        if dataset is not None:
-            config_path = _plan_for_training(dataset, output, time_budget, patient_regex, device, resume, quiet)
-        assert config_path is not None
-        overrides = {}
-        for item in set_ or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-            overrides[key] = yaml.safe_load(value)
-        if epochs is not None:
-            overrides["train.epochs"] = epochs
-        if fold is not None:
-            overrides["data.fold"] = fold
-        if folds is not None:
-            overrides["data.folds"] = folds
-        cfg = load_config(config_path, overrides)
-        if register and no_tracking:
-            raise ValueError("--register needs tracking; drop --no-tracking")
-        if register and folds is not None and fold is None:
-            raise ValueError("--register takes one model; register the folds' bundle (medunet bundle build) instead")
-        tracked = not no_tracking and world.is_main
-
-        @contextlib.contextmanager
-        def tracking(run_cfg, out: Path):  # type: ignore[no-untyped-def]
-            """Yields the epoch hook of a new MLflow run (None without tracking), finished on exit."""
-            if not tracked:
-                yield None
-                return
-            from medunet.tracking import RunTracker, TrackingRequest
-
-            out.mkdir(parents=True, exist_ok=True)
-            tracker = RunTracker(TrackingRequest(run_cfg, out, tracking_uri, experiment, register))
-            try:
-                yield tracker.log_epoch
-            except BaseException as exc:
-                tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-                raise
-            tracker.finish()
-            print(f"MLflow run {tracker.run_id} at {tracker.uri}")
-
-        try:
-            if folds is not None and fold is None:
-                summary = cross_validate(
-                    cfg, output, folds, resume, device, progress=not quiet, hooks=tracking, is_main=world.is_main
-                )
-                if world.is_main:
-                    print(format_summary(summary))
-                    print(f"summary: {output / 'cv_summary.csv'}; ensemble of the folds: --model {output}")
-                return
-            with tracking(cfg, output) as on_epoch:
-                result = run_training(
-                    TrainRequest(cfg, output, resume=resume, device=device, progress=not quiet), on_epoch=on_epoch
-                )
-                if cfg.infer.largest_component is None and world.is_main:
-                    from medunet.planning.postprocess import choose_postprocessing
-
-                    print(choose_postprocessing(result.best_checkpoint, cfg).describe())
-        finally:
-            close_world()
+        config_path = _training_config(config, dataset, output, time_budget, patient_regex, device, resume, quiet)
+        cfg = load_config(config_path, config_overrides(set_ or [], epochs=epochs, fold=fold, folds=folds))
+        tracking = Tracking(not no_tracking, tracking_uri, experiment, register)
+        cross_validation = folds if fold is None else None
+        job = TrainJob(cfg, output, resume, device, not quiet, folds=cross_validation, tracking=tracking)
+        outcome = run_job(job, notify=print)
         if world.is_main:
-            per_class = "  ".join(f"{k}={v:.4f}" for k, v in result.class_dice.items())
-            print(
-                f"best mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "
-                f"{result.epochs_run} epochs in {result.seconds / 60:.1f} min; model: {result.best_checkpoint}"
-            )
+            print(outcome.describe())
 
     _run(body)
 
@@ -281,6 +212,29 @@ def parse_minutes(text: str) -> float:
     if minutes <= 0:
         raise ValueError(f"time budget {text!r} must be positive")
     return minutes
+
+
+def _training_config(
+    config: Path | None,
+    dataset: Path | None,
+    output: Path,
+    budget: str | None,
+    patient_regex: str | None,
+    device: str,
+    resume: bool,
+    quiet: bool,
+) -> Path:
+    """The config to train: ``--config``, or the plan of ``--dataset``."""
+    one_of = "give one of --config (a config or plan YAML) and --dataset (a dataset to plan)"
+    if dataset is None:
+        if config is None:
+            raise ValueError(one_of)
+        if budget or patient_regex:
+            raise ValueError("--time-budget and --patient-regex plan a --dataset; edit the config instead")
+        return config
+    if config is not None:
+        raise ValueError(one_of)
+    return _plan_for_training(dataset, output, budget, patient_regex, device, resume, quiet)
 
 
 def _plan_for_training(
