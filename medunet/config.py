@@ -25,6 +25,29 @@ class Normalization(StrEnum):
     NONE = "none"
 
 
+class Norm(StrEnum):
+    INSTANCE = "instance"  # per sample and channel: the output depends on the window's own statistics
+    BATCH = "batch"
+    GROUP = "group"  # per sample and group of channels: as instance norm
+    NONE = "none"
+
+
+class Act(StrEnum):
+    RELU = "relu"
+    LEAKYRELU = "leakyrelu"
+    GELU = "gelu"
+
+
+class Upsample(StrEnum):
+    TRANSPOSE = "transpose"
+    INTERPOLATE = "interpolate"
+
+
+class Downsample(StrEnum):
+    MAXPOOL = "maxpool"
+    CONV = "conv"
+
+
 class ConfigError(ValueError):
     """A config that cannot be turned into types; the message names the file and the key."""
 
@@ -36,10 +59,10 @@ class NetworkConfig:
     in_channels: int = 1
     out_channels: int = 2
     features: tuple[int, ...] = (32, 64, 128, 256)
-    norm: str = "instance"
-    act: str = "leakyrelu"
-    upsample: str = "transpose"
-    downsample: str = "conv"
+    norm: Norm = Norm.INSTANCE
+    act: Act = Act.LEAKYRELU
+    upsample: Upsample = Upsample.TRANSPOSE
+    downsample: Downsample = Downsample.CONV
     dropout: float = 0.0
     deep_supervision: bool = False
     deep_supervision_levels: int = 2
@@ -49,6 +72,14 @@ class NetworkConfig:
     strides: tuple[tuple[int, ...], ...] | None = None
     kernel_sizes: tuple[tuple[int, ...], ...] | None = None
     ensemble: int = 1  # >1: that many trained copies (cross-validation folds), probabilities averaged
+
+    def __post_init__(self) -> None:  # NetworkConfig(norm="group") holds Norm.GROUP; an unknown value is refused
+        for name, kind in (("norm", Norm), ("act", Act), ("upsample", Upsample), ("downsample", Downsample)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                raise ValueError(f"network.{name}: {value!r} is not one of {[m.value for m in kind]}") from None
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def require(backend: Backend) -> None:
 class Engine(Protocol):
     backend: Backend
     # whether windows may be planned with the memory per voxel of the PyTorch U-Net's slab-wise forward
-    # (``tiling.window_bytes_per_voxel``); else with the plain forward's, about twice as much
+    # (``NetworkDescription.activation_bytes_per_voxel``); else with the plain forward's, about twice as much
     lean_forward: bool
 
     @property

@@ -17,7 +17,7 @@ from medunet.inference.backends import Backend, Engine, TorchEngine
 from medunet.io import load_checkpoint
 from medunet.io.bundle_layout import is_bundle, read_bundle_payload
 from medunet.io.model_uri import download_registered_bundle, is_registry_uri
-from medunet.networks import create_network
+from medunet.networks import NetworkDescription, create_network, describe_network
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,11 @@ class SegmentationModel:
         """The value written for each class index (the inverse of the training ``label_map``)."""
         mapping = {index: value for value, index in self.preprocess.label_map}
         return tuple(mapping.get(i, i) for i in range(self.preprocess.num_classes))
+
+    @property
+    def description(self) -> NetworkDescription:
+        """What the network says about itself (stride, receptive field, costs), for planning windows."""
+        return describe_network(self.network_config)
 
     @property
     def roi_size(self) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from medunet.inference.backends import Engine
 from medunet.inference.model import SegmentationModel
 from medunet.inference.tiling import (
     TilePlan,
+    TileRequest,
     default_memory_budget,
     freed_pages_kept,
     plan_tiles,
@@ -162,37 +163,31 @@ def predict(prep: Prepared, model: SegmentationModel, options: InferOptions) -> 
     num_classes = model.preprocess.num_classes
     dims = model.preprocess.spatial_dims
     shape = tuple(x.shape[1:])
-    budget = options.max_memory or default_memory_budget()
     resampled = any(isinstance(t, Spacingd) for t in prep.transform.transforms)
     engine.release()
     release_free_memory()  # pages a previous scan freed are not taken
-    committed = resident_memory() + 2 * math.prod(prep.input_shape)  # + the uint8 masks on both grids
-    if options.probabilities:
-        committed += math.prod(shape) * num_classes * 2  # float16
-    if resampled:  # probabilities resampled back: float32 on both grids and MONAI's sampling grid
-        committed += math.prod(shape) * num_classes * 4 + math.prod(prep.input_shape) * (num_classes * 4 + 24)
-    # float16 holds normalized intensities; an image left unnormalized may exceed its range
-    half_allowed = bool(intensity_range(x).abs().max() < 6e4)
     roi = options.roi
     if roi is not None and len(roi) != dims:
         raise InputError(prep.source, f"--roi {roi} has {len(roi)} sides; the model is {dims}D")
+    request = TileRequest(
+        shape,
+        model.description,
+        model.preprocess.patch_size,
+        num_classes,
+        budget=options.max_memory or default_memory_budget(),
+        committed=_committed_memory(prep, num_classes, options.probabilities, resampled),
+        image_bytes=x.numel() * x.element_size(),
+        window_device_budget=_window_device_budget(device),
+        half_precision=device.type == "cuda",
+        # float16 holds normalized intensities; an image left unnormalized may exceed its range
+        half_allowed=bool(intensity_range(x).abs().max() < FLOAT16_SAFE),
+        slice_wise=prep.slice_wise,
+        slab_forward=engine.lean_forward,
+        roi=roi,
+        overlap=options.overlap,
+    )
     try:
-        plan = plan_tiles(
-            shape,
-            model.network_config,
-            model.preprocess.patch_size,
-            budget,
-            committed,
-            num_classes,
-            window_device_budget=_window_device_budget(device),
-            half_precision=device.type == "cuda",
-            roi=roi,
-            overlap=options.overlap,
-            image_bytes=x.numel() * x.element_size(),
-            slice_wise=prep.slice_wise,
-            half_allowed=half_allowed,
-            lean_forward=engine.lean_forward,
-        )
+        plan = plan_tiles(request)
     except MemoryError as exc:
         raise InputError(prep.source, str(exc)) from None
     log.info("%s: %s", Path(prep.source).name, plan.describe(shape))
@@ -209,6 +204,23 @@ def predict(prep: Prepared, model: SegmentationModel, options: InferOptions) -> 
     with freed_pages_kept():
         labels, probs = _blend(x.as_tensor(), run, plan, num_classes, device, options.probabilities or resampled)
     return Predicted(prep, labels, probs, resampled, plan, options)
+
+
+# float16's largest value is 65504: intensities above this stay float32
+FLOAT16_SAFE = 6e4
+
+
+def _committed_memory(prep: Prepared, num_classes: int, probabilities: bool, resampled: bool) -> int:
+    """What this process holds before the windows run, with what the scan will still need: the
+    uint8 masks on both grids, float16 probabilities when asked for, and for a resampled scan the
+    probabilities mapped back (float32 on both grids, with MONAI's sampling grid)."""
+    shape = prep.x.shape[1:]
+    committed = resident_memory() + 2 * math.prod(prep.input_shape)
+    if probabilities:
+        committed += math.prod(shape) * num_classes * 2
+    if resampled:
+        committed += math.prod(shape) * num_classes * 4 + math.prod(prep.input_shape) * (num_classes * 4 + 24)
+    return committed
 
 
 def finish(predicted: Predicted, model: SegmentationModel) -> Segmentation:

@@ -20,17 +20,15 @@ import resource
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from medunet import runtime
-from medunet.config import NetworkConfig
-from medunet.networks.topology import level_strides, total_stride
-from medunet.networks.topology import receptive_field as axis_fields
+from medunet.networks.description import NetworkDescription
 
 GiB = 1024**3
 MiB = 1024**2
-# Memory one window's forward holds beyond its per-voxel maps (measured for the shipped 3D U-Net on
-# CPU: 79 MB for a 40x56x40 window, 122 MB for 64³, 392 MB for 128x120x88 with 318 B per voxel counted).
+# Memory one window's forward holds whatever the window's size (kernel workspaces, one slab's
+# temporaries), beyond its per-voxel maps (``NetworkDescription.activation_bytes_per_voxel``).
 WINDOW_OVERHEAD = 64 * MiB
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
@@ -61,7 +59,7 @@ def default_memory_budget() -> int:
 
     Two GiB keeps a 512x512x600 CT on a laptop; a larger budget (``--max-memory``) buys larger
     windows and so fewer window edges, where a voxel sees less context than in one pass over the
-    whole image (on a BraTS scan: Dice 0.992 against that pass at 2 GiB, 0.998 at 6 GB).
+    whole image.
     """
     return min(2 * GiB, total_memory() // 4)
 
@@ -107,9 +105,9 @@ def freed_pages_kept() -> Iterator[None]:
 
     glibc returns every block over its mmap threshold (at most 32 MiB) to the system when it is
     freed, so each layer's new map of a large window starts on fresh pages that the kernel faults
-    in and zeroes one by one: on this project's CPU machines that was a third of the process's time
-    on a BraTS scan. Inside this context blocks up to 2 GiB come from the heap and stay there for
-    the next layer; when the last caller leaves, the free pages go back (``malloc_trim``).
+    in and zeroes one by one (the README gives what that cost on a BraTS scan). Inside this context
+    blocks up to 2 GiB come from the heap and stay there for the next layer; when the last caller
+    leaves, the free pages go back (``malloc_trim``).
 
     The thresholds belong to the whole process, so this acts only where the process allowed it
     (``medunet.runtime.enable_allocator_tuning``: the command line does); callers in several threads
@@ -149,44 +147,12 @@ def release_free_memory() -> None:
         trim(0)
 
 
-def window_bytes_per_voxel(cfg: NetworkConfig, half_precision: bool = False, lean_forward: bool = True) -> float:
-    """Bytes one window voxel costs in a forward pass without gradients.
-
-    A plain 3D U-Net runs its full-resolution level in slabs and in place at inference
-    (``UNet._forward_lean``): about two maps of ``features[0]`` channels are alive there (the skip and
-    the convolution's output; measured 209-291 B per voxel in all for a 16-feature 3D U-Net on CPU,
-    windows of 1.4-4.7 M voxels). Otherwise (attention gates, group norm) the top decoder level
-    holds about 6 such maps at once (the skip, the upsampled features, their concatenation and the
-    convolution and norm outputs; measured 460-530 B per voxel). Deeper levels add about 6 maps at
-    ``2^-dims`` of the voxels per level. The window's input, logits and their weighted copy add 4
-    values per channel (8 for the plain forward, whose full-size convolutions add input and output
-    workspace). ``lean_forward`` False: the engine runs the plain forward (a TorchScript export).
-    """
-    shrink, deeper = 1.0, 0.0
-    for level, (f, s) in enumerate(zip(cfg.features, level_strides(cfg), strict=True)):
-        shrink /= math.prod(s)
-        deeper += f * shrink if level > 0 else 0.0
-    if lean_forward and cfg.name == "unet" and cfg.norm in ("instance", "batch", "none") and cfg.spatial_dims == 3:
-        maps, io = 2.0 * cfg.features[0] + 6.0 * deeper, 4
-    else:
-        maps, io = (8.0 if cfg.name == "attention_unet" else 6.0) * (cfg.features[0] + deeper), 8
-    value_bytes = 2 if half_precision else 4
-    ensemble = 4 * cfg.out_channels if cfg.ensemble > 1 else 0  # the members' running sum and one member's output
-    return value_bytes * (maps + io * (cfg.in_channels + cfg.out_channels) + ensemble)
-
-
 def blend_bytes_per_voxel(num_classes: int, half: bool = False) -> int:
     """Bytes MONAI's sliding window keeps per voxel of the region it blends: the weighted sum of class
     scores and the count map, in the input's dtype."""
     if half:
         return 2 * (num_classes + 1)
     return 4 * (num_classes + 1)
-
-
-def receptive_field(cfg: NetworkConfig) -> int:
-    """Theoretical receptive field of the U-Net along its widest axis (voxels); per axis in
-    ``medunet.networks.topology.receptive_field``."""
-    return max(axis_fields(cfg))
 
 
 def _per_axis(value: int | Sequence[int], dims: int) -> list[int]:
@@ -346,156 +312,209 @@ class TilePlan:
         return (*shape[:-1], min(shape[-1], self.slab + 2 * self.margin))
 
 
-# Windows of a network without per-window statistics (batch norm, or none) overlap by a third of its
-# receptive field, or by a sixth where a third would make them cover the image more than this many
-# times (small windows under a tight budget). On a BraTS scan (batch norm) a third gave masks agreeing
-# with MONAI's stock recipe at Dice 0.992, a sixth at 0.981; on a 512x512x600 scan under 2 GiB a
-# third would have covered it 3.9 times, a sixth 1.75 times. Instance and group norm take their
-# statistics from the window, so there fewer, larger windows count for more than context: on the
-# hippocampus mosaic a third gave 8 windows instead of 4 and moved the masks away from one untiled
-# pass (Dice 0.955 against 0.985) and from the labels; such networks keep a sixth.
+# Windows of a network whose output does not depend on the window's statistics overlap by a third
+# of its receptive field, or by a sixth where a third would make them cover the image more than
+# CONTEXT_COVERAGE times (small windows under a tight budget). Networks with window statistics
+# (instance, group norm) keep a sixth: for them fewer, larger windows count for more than context.
+# The measurements behind both rules are in the README ("How windows are planned").
 CONTEXT_COVERAGE = 2.0
+WIDE_CONTEXT, NARROW_CONTEXT = 3, 6  # context = receptive field / this, rounded up to the stride
+# A fifth of the budget is kept for what the plan does not count: transforms, writing, allocator slack.
+UNCOUNTED_SHARE = 0.2
+# One GPU kernel indexes at most this many elements of one tensor.
+INDEX_LIMIT = 2**31
+# Windows per network call, and slices per call for a 2D network over a volume: larger batches
+# gained nothing on CPU and cost memory the windows' size could use instead.
+MAX_WINDOWS_PER_CALL, MAX_SLICES_PER_CALL = 8, 16
 
 
-def plan_tiles(
-    shape: Sequence[int],
-    cfg: NetworkConfig,
-    patch: Sequence[int],
-    budget: int,
-    committed: int,
-    num_classes: int,
-    window_device_budget: int | None = None,
-    half_precision: bool = False,
-    roi: Sequence[int] | None = None,
-    overlap: float | None = None,
-    image_bytes: int = 0,
-    slice_wise: bool = False,
-    half_allowed: bool = True,
-    context: int | Sequence[int] | None = None,
-    lean_forward: bool = True,
-) -> TilePlan:
-    """Choose windows and slabs so that ``committed`` bytes (the process and its loaded image, mask and
-    probabilities) plus the blending buffers and one window's activations stay within ``budget``.
+@dataclass(frozen=True)
+class TileRequest:
+    """Everything tile planning reads: the image, what the network says about itself and the memory.
 
-    A fifth of the budget is kept for what is not counted (transforms, writing, allocator slack).
-    When the image's float32 buffers do not fit (and ``half_allowed``), it is blended in float16
-    slabs and the float32 image (``image_bytes`` of ``committed``) is held in float16 too.
-
-    ``slice_wise``: ``cfg`` is a 2D network run on every slice of a 3D ``shape``; windows tile the
-    plane only and slabs need no margin. ``window_device_budget`` bounds the window activations
-    separately when they live on a GPU; the blending buffers stay there only if they are small
-    beside it. ``roi`` and ``overlap`` (a fraction, as MONAI's) override the automatic choice.
-
-    ``context``: voxels neighbouring windows (and slabs) share, one value or one per axis; by default
-    as ``CONTEXT_COVERAGE`` says, and narrower (down to one stride) where a budget is too tight to split
-    the windows that far. ``lean_forward``: the windows cost what the PyTorch U-Net's slab-wise forward costs
-    (see ``medunet.inference.backends.Engine``).
+    ``committed``: bytes already taken (the process, the loaded image, masks and probabilities), of
+    which ``image_bytes`` are the float32 image, which may be held in float16 when ``half_allowed``.
+    ``window_device_budget``: the windows' activations live on a GPU with this much free.
+    ``slice_wise``: a 2D network over every slice of a 3D ``shape``. ``slab_forward``: the engine
+    runs the network's slab forward (``medunet.inference.backends.Engine.lean_forward``).
+    ``roi`` and ``overlap`` (a fraction, as MONAI's) override the automatic windows; ``context``
+    (voxels neighbouring windows and slabs share, per axis) overrides the automatic context.
     """
-    if context is None:
-        plan_with = functools.partial(
-            plan_tiles,
-            shape,
-            cfg,
-            patch,
-            budget,
-            committed,
-            num_classes,
-            window_device_budget=window_device_budget,
-            half_precision=half_precision,
-            roi=roi,
-            overlap=overlap,
-            image_bytes=image_bytes,
-            slice_wise=slice_wise,
-            half_allowed=half_allowed,
-            lean_forward=lean_forward,
-        )
-        return _plan_choosing_context(plan_with, cfg, shape, fixed_windows=roi is not None)
-    window_dims = len(shape) - 1 if slice_wise else len(shape)
-    multiple = list(total_stride(cfg))[:window_dims]
-    assert context is not None
-    context = _per_axis(context, len(shape))
-    per_window_voxel = window_bytes_per_voxel(cfg, half_precision, lean_forward)
-    usable = int(budget * 0.8)
-    free = usable - committed
+
+    shape: tuple[int, ...]
+    network: NetworkDescription
+    patch: tuple[int, ...]
+    num_classes: int
+    budget: int
+    committed: int
+    image_bytes: int = 0
+    window_device_budget: int | None = None
+    half_precision: bool = False
+    half_allowed: bool = True
+    slice_wise: bool = False
+    slab_forward: bool = True
+    roi: tuple[int, ...] | None = None
+    overlap: float | None = None
+    context: int | tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:  # sides as int tuples; one context value stands for every axis
+        object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
+        object.__setattr__(self, "patch", tuple(int(v) for v in self.patch))
+        if self.roi is not None:
+            object.__setattr__(self, "roi", tuple(int(v) for v in self.roi))
+        if self.context is not None:
+            object.__setattr__(self, "context", tuple(_per_axis(self.context, len(self.shape))))
+
+    @property
+    def window_dims(self) -> int:
+        return len(self.shape) - 1 if self.slice_wise else len(self.shape)
+
+    @property
+    def contexts(self) -> tuple[int, ...]:
+        """The context per axis (planning with a context given)."""
+        assert self.context is not None and not isinstance(self.context, int)
+        return self.context
+
+    @property
+    def multiple(self) -> list[int]:
+        """Window sides are multiples of the network's stride (per window axis)."""
+        return list(self.network.stride)[: self.window_dims]
+
+    @property
+    def bytes_per_window_voxel(self) -> float:
+        return self.network.activation_bytes_per_voxel(self.half_precision, self.slab_forward)
+
+
+@dataclass(frozen=True)
+class BudgetSplit:
+    """The budget left once ``committed`` is taken, split between blending buffers and windows."""
+
+    window_budget: int
+    slab: int  # kept slices per slab along the last axis (the whole depth: one pass)
+    margin: int
+    half_blend: bool
+    blend_on_device: bool
+
+
+def plan_tiles(request: TileRequest) -> TilePlan:
+    """Windows and slabs such that ``committed`` bytes, the blending buffers and one call's window
+    activations stay within the budget, less its uncounted share. Raises ``MemoryError`` (with the
+    advice to raise ``--max-memory``) where nothing fits."""
+    if request.context is None:
+        return _with_chosen_context(request)
+    split = split_budget(request)
+    depth = request.shape[-1]
+    slab_shape = (*request.shape[:-1], min(depth, split.slab + 2 * split.margin))
+    max_voxels = window_voxel_limit(request, split.window_budget)
+    layout = lay_out_windows(request, slab_shape[: request.window_dims], max_voxels)
+    batch = max(1, min(MAX_WINDOWS_PER_CALL, max_voxels // max(layout.window_voxels, 1), math.prod(layout.counts)))
+    if request.slice_wise:  # one window spans the slab's depth; its slices go through the network ``batch`` at a time
+        batch = max(1, min(MAX_SLICES_PER_CALL, max_voxels // max(layout.window_voxels, 1), slab_shape[-1]))
+        layout = Layout((*layout.roi, slab_shape[-1]), (*layout.overlap, 0.0), (*layout.counts, 1))
+    return TilePlan(
+        split.slab,
+        split.margin,
+        layout,
+        batch,
+        request.budget,
+        split.window_budget,
+        split.half_blend,
+        split.blend_on_device,
+        request.slice_wise,
+    )
+
+
+def split_budget(request: TileRequest) -> BudgetSplit:
+    """One float32 pass over the whole image when its blending buffers take at most half of what is
+    free; otherwise float16 slabs along the last axis (the float32 image held in float16 too), half
+    of what is free for the slab's buffers and half for the windows."""
+    shape, depth = request.shape, request.shape[-1]
     plane = math.prod(shape[:-1])
-    depth = shape[-1]
-    minimum = math.prod(int(p) for p in patch[:window_dims])
-    if free + (image_bytes // 2 if half_allowed else 0) <= 0:
+    free = int(request.budget * (1 - UNCOUNTED_SHARE)) - request.committed
+    freed_by_half = request.image_bytes // 2 if request.half_allowed else 0
+    minimum = math.prod(request.patch[: request.window_dims])
+    if free + freed_by_half <= 0:
         raise MemoryError(
-            f"the memory budget ({budget / GiB:.2f} GiB) is already taken by the loaded image and the process "
-            f"({committed / GiB:.2f} GiB); raise --max-memory"
+            f"the memory budget ({request.budget / GiB:.2f} GiB) is already taken by the loaded image and the "
+            f"process ({request.committed / GiB:.2f} GiB); raise --max-memory"
         )
-    # One float32 pass when the whole image's blending buffers take at most half of what is free;
-    # otherwise float16 slabs, with half of what is free for the slab and half for the window.
-    whole = plane * depth * blend_bytes_per_voxel(num_classes)
-    half_blend = blend_on_device = False
-    margin, slab = 0, depth
-    if free > 0 and whole <= free // 2 and whole + minimum * per_window_voxel <= free:
-        window_budget = free - whole
-    else:
-        half_blend = half_allowed
-        free += image_bytes // 2 if half_allowed else 0
+    whole = plane * depth * blend_bytes_per_voxel(request.num_classes)
+    window_budget, slab, margin, half_blend = free - whole, depth, 0, False
+    if not (free > 0 and whole <= free // 2 and whole + minimum * request.bytes_per_window_voxel <= free):
+        half_blend, free = request.half_allowed, free + freed_by_half
         slab_budget = free // 2
         window_budget = free - slab_budget
-        per_voxel = blend_bytes_per_voxel(num_classes, half=half_allowed)
+        per_voxel = blend_bytes_per_voxel(request.num_classes, half=request.half_allowed)
         if plane * depth * per_voxel > slab_budget:
-            margin = 0 if slice_wise else min(max(context[-1] // 2, multiple[-1]), depth)
-            slab = min(int(slab_budget // (plane * per_voxel)) - 2 * margin, depth)
-            if not slice_wise:  # a slab at least as deep as the training patch, so MONAI does not pad it
-                slab = max(slab, min(depth, int(patch[-1])) - 2 * margin)
-            if slab < 1:
-                raise MemoryError(
-                    f"one slab of {plane} voxels per slice with its context does not fit the memory budget "
-                    f"({budget / GiB:.2f} GiB, {committed / GiB:.2f} GiB already taken); raise --max-memory"
-                )
-    if window_device_budget is not None:
-        blend_on_device = slab == depth and whole <= window_device_budget // 4
-        window_budget = window_device_budget - (whole if blend_on_device else 0)
-    slab_shape = (*shape[:-1], min(depth, slab + 2 * margin))
-    window_shape = slab_shape[:window_dims]
-    # no tensor of the top level (2 x features[0] channels) may pass 2^31 elements (CUDA kernels)
-    # a forward also holds about WINDOW_OVERHEAD whatever its size (kernel workspaces, one slab's
-    # temporaries): it shrinks large windows, but never below the training patch that fitted before
-    fits = max(
-        int((window_budget - WINDOW_OVERHEAD) // per_window_voxel), min(minimum, int(window_budget // per_window_voxel))
-    )
-    max_voxels = min(fits, 2**31 // (4 * cfg.features[0]))
-    if roi is not None:
-        roi_t = tuple(int(r) for r in roi)[:window_dims]
-        ov = 0.5 if overlap is None else overlap
-        counts = tuple(_monai_count(s, r, ov) for s, r in zip(window_shape, roi_t, strict=True))
-        layout = Layout(roi_t, (ov,) * len(roi_t), counts)
-    else:
-        layout = layout_windows(window_shape, max_voxels, patch[:window_dims], multiple, context[:window_dims])
-        if overlap is not None:
-            layout = _layout_with_overlap(layout, window_shape, max_voxels, patch[:window_dims], multiple, overlap)
-    batch = max(1, min(8, max_voxels // max(layout.window_voxels, 1), math.prod(layout.counts)))
-    if slice_wise:  # one window spans the slab's depth; its slices go through the network ``batch`` at a time
-        batch = max(1, min(16, max_voxels // max(layout.window_voxels, 1), slab_shape[-1]))
-        layout = Layout((*layout.roi, slab_shape[-1]), (*layout.overlap, 0.0), (*layout.counts, 1))
-    return TilePlan(slab, margin, layout, batch, budget, window_budget, half_blend, blend_on_device, slice_wise)
+            slab, margin = _slab_depth(request, slab_budget // (plane * per_voxel))
+    blend_on_device = False
+    if request.window_device_budget is not None:  # blending stays on the GPU only if small beside the windows
+        blend_on_device = slab == depth and whole <= request.window_device_budget // 4
+        window_budget = request.window_device_budget - (whole if blend_on_device else 0)
+    return BudgetSplit(window_budget, slab, margin, half_blend, blend_on_device)
 
 
-def _plan_choosing_context(
-    plan_with: Callable[..., TilePlan], cfg: NetworkConfig, shape: Sequence[int], fixed_windows: bool
-) -> TilePlan:
-    """``plan_with(context=...)`` at the context ``CONTEXT_COVERAGE`` describes, per axis."""
-    multiple, fields = total_stride(cfg), axis_fields(cfg)
-    if len(multiple) < len(shape):  # a 2D network over a volume: its slabs need no context
+def _slab_depth(request: TileRequest, fitting_slices: int) -> tuple[int, int]:
+    """Kept slices per slab and the margin of context on both sides, for a slab buffer of at most
+    ``fitting_slices``. A 3D network's slab is at least as deep as its training patch (MONAI would
+    pad a shallower one); a 2D network's slices need no context."""
+    depth = request.shape[-1]
+    margin = 0 if request.slice_wise else min(max(request.contexts[-1] // 2, request.multiple[-1]), depth)
+    slab = min(fitting_slices - 2 * margin, depth)
+    if not request.slice_wise:
+        slab = max(slab, min(depth, int(request.patch[-1])) - 2 * margin)
+    if slab < 1:
+        raise MemoryError(
+            f"one slab of {math.prod(request.shape[:-1])} voxels per slice with its context does not fit the memory "
+            f"budget ({request.budget / GiB:.2f} GiB, {request.committed / GiB:.2f} GiB already taken); "
+            "raise --max-memory"
+        )
+    return slab, margin
+
+
+def window_voxel_limit(request: TileRequest, window_budget: int) -> int:
+    """Voxels one network call may take: the window budget less a forward's fixed ``WINDOW_OVERHEAD``
+    (never below the training patch, which fitted before), and no map past half of ``INDEX_LIMIT``."""
+    per_voxel = request.bytes_per_window_voxel
+    minimum = math.prod(request.patch[: request.window_dims])
+    fits = max(int((window_budget - WINDOW_OVERHEAD) // per_voxel), min(minimum, int(window_budget // per_voxel)))
+    return min(fits, INDEX_LIMIT // (2 * request.network.widest_map_channels))
+
+
+def lay_out_windows(request: TileRequest, window_shape: Sequence[int], max_voxels: int) -> Layout:
+    """The given ``roi`` at its ``overlap`` (MONAI's 0.5 by default), or the fewest windows of at most
+    ``max_voxels`` with the request's context (and at least its ``overlap``)."""
+    dims = request.window_dims
+    if request.roi is not None:
+        roi = tuple(int(r) for r in request.roi)[:dims]
+        overlap = 0.5 if request.overlap is None else request.overlap
+        counts = tuple(_monai_count(s, r, overlap) for s, r in zip(window_shape, roi, strict=True))
+        return Layout(roi, (overlap,) * len(roi), counts)
+    patch, multiple = request.patch[:dims], request.multiple
+    layout = layout_windows(window_shape, max_voxels, patch, multiple, request.contexts[:dims])
+    if request.overlap is not None:
+        layout = _layout_with_overlap(layout, window_shape, max_voxels, patch, multiple, request.overlap)
+    return layout
+
+
+def _with_chosen_context(request: TileRequest) -> TilePlan:
+    """The plan at the context ``CONTEXT_COVERAGE`` describes, per axis, narrowed (down to one stride)
+    where the budget is too tight to split the windows that far."""
+    multiple, fields = request.network.stride, request.network.receptive_field
+    if len(multiple) < len(request.shape):  # a 2D network over a volume: its slabs need no context
         multiple, fields = (*multiple, 1), (*fields, 1)
-    cheaper = [m * max(1, math.ceil(f / (6 * m))) for m, f in zip(multiple, fields, strict=True)]
-    window_statistics = cfg.norm in ("instance", "group")
-    wide = [m * max(1, math.ceil(f / (3 * m))) for m, f in zip(multiple, fields, strict=True)]
-    context = cheaper if window_statistics else wide
+    narrow = tuple(m * max(1, math.ceil(f / (NARROW_CONTEXT * m))) for m, f in zip(multiple, fields, strict=True))
+    wide = tuple(m * max(1, math.ceil(f / (WIDE_CONTEXT * m))) for m, f in zip(multiple, fields, strict=True))
+    context = narrow if request.network.window_statistics else wide
     while True:
         try:
-            plan: TilePlan = plan_with(context=context)
+            plan = plan_tiles(replace(request, context=context))
         except MemoryError:
             if all(c <= m for c, m in zip(context, multiple, strict=True)):
                 raise
-            context = [m * max(1, c // m // 2) for c, m in zip(context, multiple, strict=True)]
+            context = tuple(m * max(1, c // m // 2) for c, m in zip(context, multiple, strict=True))
             continue
-        costly = plan.network_voxels(shape) > CONTEXT_COVERAGE * math.prod(shape)
-        if fixed_windows or not costly or all(c <= k for c, k in zip(context, cheaper, strict=True)):
+        costly = plan.network_voxels(request.shape) > CONTEXT_COVERAGE * math.prod(request.shape)
+        if request.roi is not None or not costly or all(c <= k for c, k in zip(context, narrow, strict=True)):
             return plan
-        context = cheaper
+        context = narrow

@@ -3,33 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 from torch import nn
 
-
-class Norm(StrEnum):
-    INSTANCE = "instance"
-    BATCH = "batch"
-    GROUP = "group"
-    NONE = "none"
-
-
-class Act(StrEnum):
-    RELU = "relu"
-    LEAKYRELU = "leakyrelu"
-    GELU = "gelu"
-
-
-class Upsample(StrEnum):
-    TRANSPOSE = "transpose"
-    INTERPOLATE = "interpolate"
-
-
-class Downsample(StrEnum):
-    MAXPOOL = "maxpool"
-    CONV = "conv"
+from medunet.config import Act, Norm, Upsample
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ an ensemble exactly like a single network.
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -16,13 +16,14 @@ from medunet.config import NetworkConfig
 
 
 class FoldEnsemble(nn.Module):
-    def __init__(self, cfg: NetworkConfig) -> None:
-        super().__init__()
-        from medunet.networks.registry import create_network
+    """``members`` (built by ``medunet.networks.create_network`` from ``cfg`` with ``ensemble=1``) as one network."""
 
-        member = dataclasses.replace(cfg, ensemble=1)  # in eval mode a deep-supervised member gives its main output
+    def __init__(self, cfg: NetworkConfig, members: Iterable[nn.Module]) -> None:
+        super().__init__()
         self.config = cfg
-        self.members = nn.ModuleList(create_network(member) for _ in range(cfg.ensemble))
+        self.members = nn.ModuleList(members)
+        if len(self.members) != cfg.ensemble:
+            raise ValueError(f"an ensemble of {cfg.ensemble} needs as many members, got {len(self.members)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total: torch.Tensor | None = None

@@ -59,24 +59,3 @@ def receptive_field(cfg: NetworkConfig) -> tuple[int, ...]:
             field += 2 * (kernels[level - 1][axis] - 1) * jump
         fields.append(field)
     return tuple(fields)
-
-
-def forward_flops(cfg: NetworkConfig, window: tuple[int, ...] | list[int]) -> float:
-    """Multiply-adds x 2 of one forward pass over ``window`` (convolutions only; norms and
-    activations are a few per cent)."""
-    strides, kernels, feats = level_strides(cfg), level_kernels(cfg), list(cfg.features)
-    size = [float(s) for s in window]
-    total = 0.0
-    for level, (s, k, c_out) in enumerate(zip(strides, kernels, feats, strict=True)):
-        size = [v / si for v, si in zip(size, s, strict=True)]
-        voxels = math.prod(size)
-        c_in = cfg.in_channels if level == 0 else feats[level - 1]
-        kk = math.prod(k)
-        total += 2 * voxels * kk * (c_in * c_out + c_out * c_out)  # encoder block
-        if level < len(feats) - 1:
-            total += 2 * voxels * kk * (2 * c_out * c_out + c_out * c_out)  # decoder block
-            total += 2 * voxels * feats[level + 1] * c_out  # transposed conv (kernel = stride): one input per output
-        if cfg.name == "attention_unet" and level < len(feats) - 1:
-            total += 2 * voxels * (2 * c_out * max(c_out // 2, 1) + max(c_out // 2, 1))
-    total += 2 * math.prod(window) * feats[0] * cfg.out_channels
-    return total * max(cfg.ensemble, 1)

@@ -8,17 +8,20 @@ and the output is cropped back, so ``forward`` maps ``(B, C_in, *S) -> (B, C_out
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from medunet.config import NetworkConfig
-from medunet.networks.blocks import Act, AttentionGate, ConvBlock, Downsample, Norm, Ops, PassSkip, UpBlock, Upsample
-from medunet.networks.topology import level_kernels, level_strides, total_stride
+from medunet.config import Act, Downsample, NetworkConfig, Norm, Upsample
+from medunet.networks.blocks import AttentionGate, ConvBlock, Ops, PassSkip, UpBlock
+from medunet.networks.topology import level_kernels, level_strides, receptive_field, total_stride
 
 
 class UNet(nn.Module):
@@ -30,6 +33,11 @@ class UNet(nn.Module):
     """
 
     use_attention = False
+
+    @classmethod
+    def describe(cls, cfg: NetworkConfig) -> UNetDescription:
+        """What planners may know about this network for ``cfg`` (see ``medunet.networks.description``)."""
+        return UNetDescription(cfg, attention=cls.use_attention)
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
@@ -75,6 +83,11 @@ class UNet(nn.Module):
             is_aux = n_decoder - 1 - self.n_aux <= i < n_decoder - 1
             self.aux_heads.append(ops.conv(c_skip, cfg.out_channels, 1) if is_aux else nn.Identity())
         self.head = ops.conv(feats[0], cfg.out_channels, 1)
+        self.slab_forward = self.describe(cfg).slab_forward
+        if self.slab_forward:  # what the description promises, the layers must allow
+            layers = [*self.encoder[0].children(), *self.decoder[-1].children(), self.head]
+            assert all(isinstance(m, LEAN_LAYERS) for m in layers), "slab forward over a layer it cannot run"
+            assert all(_plain_conv(m) for m in layers if isinstance(m, nn.Conv3d)), "slab forward over a strided conv"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
@@ -83,7 +96,7 @@ class UNet(nn.Module):
                 f"got {list(x.shape)}"
             )
         if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript skips this block only when it stands alone)
-            if self._lean_applies():
+            if self.slab_forward and not self.training and not torch.is_grad_enabled():
                 return self._forward_lean(x)
         size: list[int] = list(x.shape[2:])
         x = self._pad(x)
@@ -108,18 +121,6 @@ class UNet(nn.Module):
             ]
             return torch.stack([out] + aux, dim=1)  # noqa: RUF005 (TorchScript has no list unpacking)
         return out
-
-    def _lean_applies(self) -> bool:
-        """Inference without autograd, on a plain 3D U-Net: full-resolution maps can be computed in slabs.
-
-        (A 2D map's slab would be most of its rows, so 2D networks keep the plain forward.)
-        """
-        if self.training or torch.is_grad_enabled() or self.use_attention or self.spatial_dims != 3:
-            return False
-        layers = [*self.encoder[0].children(), *self.decoder[-1].children(), self.head]
-        if not all(isinstance(m, LEAN_LAYERS) for m in layers):
-            return False
-        return all(_plain_conv(m) for m in layers if isinstance(m, nn.Conv3d))
 
     def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` at inference with about half the memory: the full-resolution level (the
@@ -162,6 +163,78 @@ class AttentionUNet(UNet):
     """U-Net whose skips pass through additive attention gates (Oktay et al. 2018)."""
 
     use_attention = True
+
+
+@dataclass(frozen=True)
+class UNetDescription:
+    """The U-Net family's ``NetworkDescription``: strides, fields and costs from its config."""
+
+    cfg: NetworkConfig
+    attention: bool = False
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.cfg.spatial_dims
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return total_stride(self.cfg)
+
+    @property
+    def receptive_field(self) -> tuple[int, ...]:
+        """Two convolutions per level on the way down and up, a downsample between levels."""
+        return receptive_field(self.cfg)
+
+    @property
+    def window_statistics(self) -> bool:
+        return self.cfg.norm in (Norm.INSTANCE, Norm.GROUP)
+
+    @property
+    def slab_forward(self) -> bool:
+        """A plain 3D U-Net whose full-resolution norms work per channel (``_forward_lean``); a 2D
+        map's slab would be most of its rows, so 2D networks keep the plain forward."""
+        return not self.attention and self.cfg.spatial_dims == 3 and self.cfg.norm is not Norm.GROUP
+
+    @property
+    def widest_map_channels(self) -> int:
+        return 2 * self.cfg.features[0]  # the top decoder level's concatenation of skip and upsampled map
+
+    def activation_bytes_per_voxel(self, half_precision: bool = False, slab_forward: bool = True) -> float:
+        """The slab forward holds about two maps of ``features[0]`` channels at full resolution (the
+        skip and the convolution's output); the plain forward about 6 (the skip, the upsampled map,
+        their concatenation, the convolution and norm outputs), 8 with attention gates. Each deeper
+        level adds about 6 maps at its share of the voxels. The window's input, logits and their
+        weighted copy add 4 values per channel (8 for the plain forward, whose full-size
+        convolutions add input and output workspace)."""
+        cfg = self.cfg
+        shrink, deeper = 1.0, 0.0
+        for level, (f, s) in enumerate(zip(cfg.features, level_strides(cfg), strict=True)):
+            shrink /= math.prod(s)
+            deeper += f * shrink if level > 0 else 0.0
+        if slab_forward and self.slab_forward:
+            maps, io = 2.0 * cfg.features[0] + 6.0 * deeper, 4
+        else:
+            maps, io = (8.0 if self.attention else 6.0) * (cfg.features[0] + deeper), 8
+        return (2 if half_precision else 4) * (maps + io * (cfg.in_channels + cfg.out_channels))
+
+    def flops(self, window: Sequence[int]) -> float:
+        """Convolutions only (norms and activations are a few per cent)."""
+        cfg = self.cfg
+        strides, kernels, feats = level_strides(cfg), level_kernels(cfg), list(cfg.features)
+        size = [float(s) for s in window]
+        total = 0.0
+        for level, (s, k, c_out) in enumerate(zip(strides, kernels, feats, strict=True)):
+            size = [v / si for v, si in zip(size, s, strict=True)]
+            voxels = math.prod(size)
+            c_in = cfg.in_channels if level == 0 else feats[level - 1]
+            kk = math.prod(k)
+            total += 2 * voxels * kk * (c_in * c_out + c_out * c_out)  # encoder block
+            if level < len(feats) - 1:
+                total += 2 * voxels * kk * (2 * c_out * c_out + c_out * c_out)  # decoder block
+                total += 2 * voxels * feats[level + 1] * c_out  # transposed conv, kernel = stride
+                if self.attention:
+                    total += 2 * voxels * (2 * c_out * max(c_out // 2, 1) + max(c_out // 2, 1))
+        return total + 2 * math.prod(window) * feats[0] * cfg.out_channels
 
 
 # Slabs of the full-resolution level at inference: at least this many voxels and rows. Smaller slabs
@@ -285,20 +358,38 @@ def _conv_slabs(conv: nn.Module, inputs: list[torch.Tensor | _Upsampled], rows: 
     return out
 
 
-# oneDNN's convolution, called without PyTorch's choice of kernel (see ``_conv_stride1``)
-_ONEDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None) if torch.backends.mkldnn.is_available() else None
-
-
 def _conv_stride1(x: torch.Tensor, weight: torch.Tensor, padding: list[int]) -> torch.Tensor:
     """A stride-1 convolution without bias. On CPU in float32 it calls oneDNN directly: PyTorch's
     dispatcher sends a one-sample input with few channels and rows (the first convolution's slab of a
     1- or 2-channel scan) to its generic kernel instead, 4-10x slower here, and returns that result
     channels-first, so every later layer would convert it back."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN_CONV is not None:
+    onednn = onednn_convolution() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if onednn is not None:
         ones = [1] * len(padding)
-        return _ONEDNN_CONV(x, weight, None, padding, ones, ones, 1)
+        return onednn(x, weight, None, padding, ones, ones, 1)
     run = F.conv3d if x.dim() == 5 else F.conv2d
     return run(x, weight, None, 1, padding)
+
+
+@functools.cache
+def onednn_convolution() -> Callable[..., torch.Tensor] | None:
+    """oneDNN's convolution op (``aten::mkldnn_convolution``, private to PyTorch), or None where this
+    PyTorch lacks it or it does not compute what ``F.conv3d`` does: checked once, on a small input,
+    since ``pyproject.toml`` allows any PyTorch from 2.4 and a private op may change or vanish."""
+    op = getattr(torch.ops.aten, "mkldnn_convolution", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((1, 3, 9, 7, 5), generator=generator)
+    weight = torch.randn((4, 3, 3, 3, 1), generator=generator)
+    try:
+        got = op(x, weight, None, [1, 1, 0], [1, 1, 1], [1, 1, 1], 1)
+    except (RuntimeError, TypeError):
+        return None
+    want = F.conv3d(x, weight, None, 1, [1, 1, 0])
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        return None
+    return typing.cast(Callable[..., torch.Tensor], op)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

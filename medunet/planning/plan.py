@@ -27,6 +27,7 @@ from medunet.config import (
     ExperimentConfig,
     InferConfig,
     NetworkConfig,
+    Norm,
     Normalization,
     PreprocessConfig,
     TrainConfig,
@@ -35,7 +36,7 @@ from medunet.config import (
 from medunet.data.layouts import Dataset, read_dataset
 from medunet.data.splits import split_by_patient
 from medunet.io.writers import write_text
-from medunet.networks.topology import forward_flops
+from medunet.networks.registry import describe_network
 from medunet.planning import rules
 from medunet.planning.fingerprint import fingerprint_dataset, median_shape, median_spacing
 
@@ -150,7 +151,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
             in_channels=len(modalities),
             out_channels=len(label_names),
             features=rules.features_for(len(strides), base, MAX_FEATURES[dims]),
-            norm="batch" if batch >= 8 else "instance",
+            norm=Norm.BATCH if batch >= 8 else Norm.INSTANCE,
             strides=None if isotropic else tuple(strides),
             kernel_sizes=None if isotropic else tuple(kernels),
         )
@@ -158,7 +159,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     rate = _throughput(kind, dims)  # FLOP/s of a training step on this machine (measured)
 
     def step_seconds(patch: tuple[int, ...]) -> float:
-        return 3.0 * forward_flops(network_for(patch), patch) * batch / rate  # forward + backward
+        return 3.0 * describe_network(network_for(patch)).flops(patch) * batch / rate  # forward + backward
 
     def fits(patch: tuple[int, ...]) -> bool:
         samples = 0.8 * budget_s / step_seconds(patch) * batch
@@ -225,7 +226,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     measured = _measure_step(net, patch, batch) if kind == "cpu" else est
     steps = max(1, per_epoch // batch)
     epoch_s = steps * measured
-    val_s = 1.5 * forward_flops(net, patch) / math.prod(patch) * val_voxels / rate  # windows overlap a half
+    val_s = 1.5 * describe_network(net).flops(patch) / math.prod(patch) * val_voxels / rate  # windows overlap a half
     val_every = max(1, math.ceil(val_s / (VALIDATION_SHARE * epoch_s)))
     overhead = 20.0 + 0.05 * len(dataset.cases)  # start-up and caching (a volume's slices load it once)
     epochs, why = rules.epochs_for(budget_s, epoch_s + val_s / val_every, overhead)
@@ -301,7 +302,7 @@ def _throughput(kind: str, dims: int) -> float:
     patch = (128, 128) if dims == 2 else (48, 48, 48)
     batch = 8 if dims == 2 else 2
     seconds = _measure_step(net, patch, batch)
-    return 3.0 * forward_flops(net, patch) * batch / seconds
+    return 3.0 * describe_network(net).flops(patch) * batch / seconds
 
 
 def _measure_step(net_cfg: NetworkConfig, patch: tuple[int, ...], batch: int, steps: int = 3, warmup: int = 2) -> float:

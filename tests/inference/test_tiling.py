@@ -24,19 +24,33 @@ from medunet.inference.tiling import (
     GiB,
     Layout,
     MiB,
+    TilePlan,
+    TileRequest,
     _malloc_trim,
     _mallopt,
     blend_bytes_per_voxel,
     layout_windows,
     parse_memory,
     plan_tiles,
-    receptive_field,
-    window_bytes_per_voxel,
 )
 from medunet.io import load_image
+from medunet.networks import describe_network
 from tests.conftest import make_blob_case
 
 UNET_3D = NetworkConfig(name="unet", spatial_dims=3, in_channels=1, out_channels=3, features=(16, 32, 64, 128))
+
+
+def plan_for(shape, cfg: NetworkConfig, patch, budget: int, committed: int, num_classes: int, **kw) -> TilePlan:  # type: ignore[no-untyped-def]
+    """``plan_tiles`` for the network ``cfg`` builds."""
+    return plan_tiles(TileRequest(shape, describe_network(cfg), patch, num_classes, budget, committed, **kw))
+
+
+def window_bytes_per_voxel(cfg: NetworkConfig) -> float:
+    return describe_network(cfg).activation_bytes_per_voxel()
+
+
+def receptive_field(cfg: NetworkConfig) -> int:
+    return max(describe_network(cfg).receptive_field)
 
 
 def test_parse_memory() -> None:
@@ -79,8 +93,8 @@ def test_layout_fits_budget_and_overlaps_by_context(shape: tuple[int, ...], max_
 @pytest.mark.parametrize("overlap", [0.0, 0.1, 0.25, 0.5, 0.95])
 def test_an_asked_overlap_is_kept_with_the_fewest_network_voxels(overlap: float) -> None:
     shape, patch, committed = (240, 240, 155), (64, 64, 64), 700 * MiB
-    default = plan_tiles(shape, UNET_3D, patch, 2 * GiB, committed, num_classes=2)
-    plan = plan_tiles(shape, UNET_3D, patch, 2 * GiB, committed, num_classes=2, overlap=overlap)
+    default = plan_for(shape, UNET_3D, patch, 2 * GiB, committed, num_classes=2)
+    plan = plan_for(shape, UNET_3D, patch, 2 * GiB, committed, num_classes=2, overlap=overlap)
     layout = plan.layout
     assert layout.window_voxels * window_bytes_per_voxel(UNET_3D) <= plan.window_budget - WINDOW_OVERHEAD
     assert list(layout.counts) == monai_windows(shape, layout.roi, layout.overlap)
@@ -104,7 +118,7 @@ def test_large_ct_is_cut_into_slabs_within_budget() -> None:
     shape = (512, 512, 600)
     image = 4 * math.prod(shape)
     committed = 550 * MiB + image + 2 * math.prod(shape)  # process + float32 image + masks
-    plan = plan_tiles(shape, UNET_3D, (40, 56, 40), 2 * GiB, committed, num_classes=3, image_bytes=image)
+    plan = plan_for(shape, UNET_3D, (40, 56, 40), 2 * GiB, committed, num_classes=3, image_bytes=image)
     assert plan.half_blend and plan.slab < 600 and plan.margin >= 8
     blend = math.prod((*shape[:-1], plan.slab + 2 * plan.margin)) * blend_bytes_per_voxel(3, half=True)
     window = plan.layout.window_voxels * plan.sw_batch_size * window_bytes_per_voxel(UNET_3D)
@@ -112,7 +126,7 @@ def test_large_ct_is_cut_into_slabs_within_budget() -> None:
     print(plan.describe(shape))
     assert "slabs" in plan.describe(shape)
     with pytest.raises(MemoryError, match="raise --max-memory"):
-        plan_tiles(shape, UNET_3D, (40, 56, 40), 1 * GiB, committed, num_classes=3, image_bytes=image)
+        plan_for(shape, UNET_3D, (40, 56, 40), 1 * GiB, committed, num_classes=3, image_bytes=image)
 
 
 def window_invariant_model(model: medunet.inference.SegmentationModel) -> medunet.inference.SegmentationModel:
@@ -132,9 +146,9 @@ def test_slabs_and_small_windows_agree_with_one_pass(tiny_model: Path, tmp_path:
     x = prepare(load_image(img, 3), model).x.as_tensor()
     shape, cfg, patch = tuple(x.shape[1:]), model.network_config, model.preprocess.patch_size
     run = _predictor(TorchEngine(model.network, channels_last=False), ())
-    one_plan = plan_tiles(shape, cfg, patch, budget=4 * GiB, committed=0, num_classes=3)
+    one_plan = plan_for(shape, cfg, patch, budget=4 * GiB, committed=0, num_classes=3)
     assert one_plan.slab == 90 and math.prod(one_plan.layout.counts) == 1 and not one_plan.half_blend
-    cut_plan = plan_tiles(shape, cfg, patch, budget=7 * MiB, committed=0, num_classes=3)
+    cut_plan = plan_for(shape, cfg, patch, budget=7 * MiB, committed=0, num_classes=3)
     assert cut_plan.half_blend and cut_plan.slab < 90 and math.prod(cut_plan.layout.counts) > 1
     one, _ = _blend(x, run, one_plan, 3, torch.device("cpu"), keep_probs=False)
     cut, probs = _blend(x, run, cut_plan, 3, torch.device("cpu"), keep_probs=True)
@@ -247,14 +261,14 @@ def test_windows_share_a_third_of_the_field_unless_that_doubles_the_work() -> No
     cfg = replace(UNET_3D, norm="batch")
     assert receptive_field(cfg) == 96
     brats = (240, 240, 155)
-    plan = plan_tiles(brats, cfg, (96, 96, 96), 2 * GiB, 700 * MiB, 3, image_bytes=4 * math.prod(brats))
+    plan = plan_for(brats, cfg, (96, 96, 96), 2 * GiB, 700 * MiB, 3, image_bytes=4 * math.prod(brats))
     assert min(_shared_voxels(plan.layout)) >= 32
     assert plan.network_voxels(brats) <= CONTEXT_COVERAGE * math.prod(brats)
 
     ct = (512, 512, 600)
     args = (ct, cfg, (96, 96, 96), 2 * GiB, 600 * MiB + 4 * math.prod(ct), 3)
-    plan = plan_tiles(*args, image_bytes=4 * math.prod(ct))
-    wide = plan_tiles(*args, image_bytes=4 * math.prod(ct), context=32)
+    plan = plan_for(*args, image_bytes=4 * math.prod(ct))
+    wide = plan_for(*args, image_bytes=4 * math.prod(ct), context=32)
     assert wide.network_voxels(ct) > CONTEXT_COVERAGE * math.prod(ct)
     assert plan.network_voxels(ct) < wide.network_voxels(ct)
     assert min(_shared_voxels(plan.layout)) >= 16 and plan.margin == 8
@@ -268,8 +282,8 @@ def test_instance_norm_keeps_fewer_larger_windows() -> None:
     counts = {}
     for norm, context in (("instance", 16), ("batch", 32)):
         args = (shape, replace(UNET_3D, norm=norm), (96, 96, 96), 2 * GiB, 640 * MiB, 3)
-        plan = plan_tiles(*args, image_bytes=4 * math.prod(shape))
-        expected = plan_tiles(*args, image_bytes=4 * math.prod(shape), context=context)
+        plan = plan_for(*args, image_bytes=4 * math.prod(shape))
+        expected = plan_for(*args, image_bytes=4 * math.prod(shape), context=context)
         assert plan.layout == expected.layout
         counts[norm] = math.prod(plan.layout.counts)
     assert counts == {"instance": 4, "batch": 8}
@@ -281,16 +295,16 @@ def test_a_tight_budget_narrows_the_context_instead_of_refusing() -> None:
     args = (shape, UNET_3D, (16, 16, 16), 80 * MiB, 0, 3)
     for context in (32, 16):
         with pytest.raises(MemoryError):
-            plan_tiles(*args, context=context)
-    plan = plan_tiles(*args)
-    assert plan.layout == plan_tiles(*args, context=8).layout
+            plan_for(*args, context=context)
+    plan = plan_for(*args)
+    assert plan.layout == plan_for(*args, context=8).layout
 
 
 def test_a_2d_network_over_a_volume_tiles_the_plane_only() -> None:
     cfg = NetworkConfig(name="unet", spatial_dims=2, in_channels=1, out_channels=2, features=(16, 32, 64, 128, 256))
     shape = (512, 512, 200)
     image = 4 * math.prod(shape)
-    plan = plan_tiles(shape, cfg, (256, 256), 2 * GiB, 550 * MiB + image, 2, image_bytes=image, slice_wise=True)
+    plan = plan_for(shape, cfg, (256, 256), 2 * GiB, 550 * MiB + image, 2, image_bytes=image, slice_wise=True)
     assert plan.slice_wise and plan.margin == 0
     assert plan.layout.roi[-1] == min(200, plan.slab) and plan.layout.counts[-1] == 1  # no windows along depth
     assert 1 <= plan.sw_batch_size <= 16  # slices per network call
@@ -299,7 +313,7 @@ def test_a_2d_network_over_a_volume_tiles_the_plane_only() -> None:
 def test_slabs_keep_their_depth_at_the_ends() -> None:
     shape = (512, 512, 300)
     image = 4 * math.prod(shape)
-    plan = plan_tiles(shape, UNET_3D, (40, 56, 40), 2 * GiB, 550 * MiB + image, 3, image_bytes=image)
+    plan = plan_for(shape, UNET_3D, (40, 56, 40), 2 * GiB, 550 * MiB + image, 3, image_bytes=image)
     assert plan.slab < 300
     bounds = [plan.slab_bounds(start, 300) for start in range(0, 300, plan.slab)]
     assert {hi - lo for lo, hi in bounds} == {plan.slab + 2 * plan.margin}  # never a short, padded slab
@@ -320,7 +334,7 @@ def test_anisotropic_network_windows_follow_each_axis_stride_and_field() -> None
     assert total_stride(cfg) == (8, 8, 2)
     assert fields(cfg)[2] < fields(cfg)[0]
     shape = (512, 512, 40)
-    plan = plan_tiles(shape, cfg, (160, 160, 8), 1 * GiB, 300 * MiB, 4, image_bytes=4 * math.prod(shape))
+    plan = plan_for(shape, cfg, (160, 160, 8), 1 * GiB, 300 * MiB, 4, image_bytes=4 * math.prod(shape))
     for r, s, m in zip(plan.layout.roi, (*shape[:2], plan.slab + 2 * plan.margin), (8, 8, 2), strict=True):
         assert r >= s or r % m == 0
     assert plan.network_voxels(shape) >= math.prod(shape)

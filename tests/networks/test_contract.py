@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from medunet.config import NetworkConfig
-from medunet.networks import AttentionUNet, UNet, create_network, list_networks
+from medunet.networks import AttentionUNet, UNet, create_network, describe_network, list_networks
 from medunet.networks import unet as unet_module
 
 CASES = [(name, dims) for name in list_networks() for dims in (2, 3)]
@@ -127,20 +133,44 @@ def test_inference_in_slabs_equals_forward(
         x = x.contiguous(memory_format=torch.channels_last_3d)
     plain = net(x).detach()  # autograd on: the plain forward
     with torch.inference_mode():
-        assert net._lean_applies()
-        lean = net(x)
+        lean, slabbed = forward_watching_slabs(net, x)
+    assert slabbed
     assert lean.shape == plain.shape == (2, 3, *size)
     scale = max(1.0, float(plain.abs().max()))  # without a norm the logits reach ~1e4: float32 rounding scales
     torch.testing.assert_close(lean, plain, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_attention_group_norm_and_2d_keep_the_plain_forward() -> None:
+def forward_watching_slabs(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``net(x)``, and whether the forward ran the full-resolution level in slabs."""
+    calls: list[int] = []
+    plain_lean = net._forward_lean
+    net._forward_lean = lambda t: (calls.append(1), plain_lean(t))[1]
+    try:
+        return net(x), bool(calls)
+    finally:
+        del net._forward_lean
+
+
+@pytest.mark.parametrize(
+    ("name", "dims", "norm", "slabs"),
+    [
+        ("unet", 3, "instance", True),
+        ("unet", 3, "batch", True),
+        ("unet", 3, "none", True),
+        ("unet", 3, "group", False),
+        ("unet", 2, "instance", False),
+        ("attention_unet", 3, "instance", False),
+    ],
+)
+def test_the_slab_forward_runs_where_the_description_says(name: str, dims: int, norm: str, slabs: bool) -> None:
+    net = build(name, dims, norm=norm).eval()
+    assert describe_network(net.config).slab_forward is slabs
+    x = torch.randn(shape(dims, batch=1))
     with torch.inference_mode():
-        assert not build("attention_unet", 3).eval()._lean_applies()
-        assert not build("unet", 2).eval()._lean_applies()
-        assert build("unet", 3).eval()._lean_applies()
-        assert not build("unet", 3, norm="group").eval()._lean_applies()
-        assert not build("unet", 3).train()._lean_applies()
+        assert forward_watching_slabs(net, x)[1] is slabs
+    net.train()
+    with torch.inference_mode():
+        assert not forward_watching_slabs(net, x)[1]  # training mode: the plain forward
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -221,8 +251,8 @@ def test_anisotropic_slab_forward_equals_the_plain_one() -> None:
     x = torch.randn(1, 1, 20, 36, 40)
     plain = net(x).detach()  # autograd on: the plain forward
     with torch.no_grad():
-        assert net._lean_applies()
-        lean = net(x)
+        lean, slabbed = forward_watching_slabs(net, x)
+    assert slabbed
     assert torch.allclose(lean, plain, atol=1e-4)
 
 
@@ -233,3 +263,131 @@ def test_strides_that_do_not_fit_the_levels_are_refused() -> None:
         build("unet", 2, strides=((2, 2), (2, 2), (2, 2)))
     with pytest.raises(ValueError, match="odd"):
         build("unet", 2, kernel_sizes=((3, 2), (3, 3), (3, 3)))
+
+
+# --- what each network says about itself (medunet.networks.description), held to the module ---
+
+DESCRIBED = [
+    NetworkConfig(
+        name=name, spatial_dims=dims, in_channels=2, out_channels=3, features=(4, 8, 16), norm="batch", **aniso
+    )
+    for name in list_networks()
+    for dims in (2, 3)
+    for aniso in ({}, ANISOTROPIC[dims])
+]
+
+
+@pytest.mark.parametrize(
+    "cfg", DESCRIBED, ids=lambda c: f"{c.name}-{c.spatial_dims}d-{'aniso' if c.strides else 'iso'}"
+)
+def test_stride_and_receptive_field_are_the_modules(cfg: NetworkConfig) -> None:
+    """A change at one input voxel reaches output voxels across at most the receptive field (and most of
+    it); an input side that is a multiple of the stride is not padded (the output is the input's size)."""
+    description = describe_network(cfg)
+    net = create_network(cfg).eval()
+    assert description.spatial_dims == cfg.spatial_dims and tuple(net.stride) == description.stride
+    size = [2 * f + 8 for f in description.receptive_field]
+    x = torch.randn((1, 2, *size))
+    nudged = x.clone()
+    centre = tuple(s // 2 for s in size)
+    nudged[(0, 0, *centre)] += 10.0
+    with torch.no_grad():
+        changed = (net(nudged) - net(x)).abs().amax(dim=(0, 1)) > 0
+    for axis, field in enumerate(description.receptive_field):
+        others = tuple(a for a in range(cfg.spatial_dims) if a != axis)
+        reached = changed.any(dim=others).nonzero().flatten()
+        extent = int(reached.max() - reached.min()) + 1
+        assert 0.6 * field <= extent <= field, (axis, extent, field)
+
+
+@pytest.mark.parametrize(
+    ("norm", "statistics"), [("instance", True), ("group", True), ("batch", False), ("none", False)]
+)
+def test_window_statistics_as_described(norm: str, statistics: bool) -> None:
+    """With per-window statistics, one voxel changes the output far beyond the receptive field."""
+    cfg = NetworkConfig(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 8, 16), norm=norm)
+    description = describe_network(cfg)
+    assert description.window_statistics is statistics
+    net = create_network(cfg).eval()
+    x = torch.randn(1, 1, 128, 128)
+    nudged = x.clone()
+    nudged[0, 0, 2, 2] += 50.0
+    with torch.no_grad():
+        far = (net(nudged) - net(x))[..., -16:, -16:].abs().max()  # more than a receptive field away
+    assert max(description.receptive_field) < 110
+    assert bool(far > 1e-6) is statistics
+
+
+@pytest.mark.parametrize(
+    "cfg", DESCRIBED, ids=lambda c: f"{c.name}-{c.spatial_dims}d-{'aniso' if c.strides else 'iso'}"
+)
+def test_flops_match_a_counted_forward(cfg: NetworkConfig) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = create_network(cfg).eval()
+    window = (32, 24, 16)[: cfg.spatial_dims]
+    counter = FlopCounterMode(display=False)
+    with counter:  # autograd on: the plain forward, whose convolutions the counter knows
+        net(torch.randn((1, 2, *window)))
+    counted = counter.get_total_flops()
+    assert describe_network(cfg).flops(window) == pytest.approx(counted, rel=0.02)
+    ensemble = describe_network(dataclasses.replace(cfg, ensemble=3))
+    assert ensemble.flops(window) == pytest.approx(3 * counted, rel=0.02)
+
+
+_MEASURE = """
+import json, math, sys, torch
+from medunet.config import NetworkConfig
+from medunet.networks import create_network
+torch.set_num_threads(1)
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+def peak(net, x):  # the process's peak resident memory during one forward, above where it started
+    with torch.no_grad():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak (VmHWM) to the current size
+        base = status("VmRSS:")
+        y = net(x)
+        del y
+        return status("VmHWM:") - base
+
+out = []
+for raw, small, large in json.loads(sys.argv[1]):
+    net = create_network(NetworkConfig(**raw)).eval()
+    xs, xl = torch.randn(1, raw["in_channels"], *small), torch.randn(1, raw["in_channels"], *large)
+    peak(net, xs)
+    out.append((peak(net, xl) - peak(net, xs)) / (math.prod(large) - math.prod(small)))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-memory reset")
+def test_activation_memory_estimate_against_a_measured_forward() -> None:
+    """Every registered network, 2D and 3D (3D with and without the slab forward): the memory a forward
+    adds per window voxel, measured between two window sizes (so fixed costs cancel) in a fresh process
+    whose allocator hands every freed block back at once (its peak is then the tensors' peak), lies
+    between the description's estimate and a quarter of it. The estimate is the planner's: above the
+    tensors' own peak, because the command line's allocator keeps freed pages while windows run."""
+    cases = []
+    for name in list_networks():
+        for dims, norm in ((2, "instance"), (3, "instance"), (3, "group")):
+            if name != "unet" and norm == "group":
+                continue
+            raw = dict(name=name, spatial_dims=dims, in_channels=2, out_channels=3, features=[8, 16, 32], norm=norm)
+            sizes = ([256, 256], [512, 384]) if dims == 2 else ([64, 64, 32], [96, 96, 64])
+            cases.append((raw, *sizes))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, json.dumps(cases)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    for (raw, _, _), per_voxel in zip(cases, measured, strict=True):
+        description = describe_network(NetworkConfig(**{**raw, "features": tuple(raw["features"])}))
+        estimate = description.activation_bytes_per_voxel(slab_forward=True)
+        assert per_voxel <= estimate <= 4 * per_voxel, (raw, per_voxel, estimate)
