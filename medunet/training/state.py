@@ -72,10 +72,12 @@ class TrainState:
         return improved
 
     def save(self, path: Path, model_file: dict[str, Any]) -> Path:
-        """Write ``model_file`` (what inference loads) and this state to ``path``, atomically."""
+        """Write ``model_file`` (what inference loads) and this state, weights included, to ``path``,
+        atomically."""
         return save_checkpoint(
             {
                 **model_file,
+                "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "rng": rng_state(),
