@@ -98,8 +98,20 @@ def test_tta_needs_mirroring_and_makes_output_mirror_symmetric(tiny_model: Path,
     a = medunet.segment(img, model, options=InferOptions(tta=True)).labels.numpy()
     b = medunet.segment(mirrored, model, options=InferOptions(tta=True)).labels.numpy()
     assert (a == b[::-1]).mean() > 0.999
+    # TTA's logits are the mean of the plain copy's and the mirrored copy's. Where both copies vote for one class,
+    # so does their mean: exact, as a sum of two vectors whose largest entries are both at c is largest at c
+    # (measured on the tiny model: the copies agree on 9039 of 13440 voxels, TTA matches all of them).
     plain = medunet.segment(img, model).labels.numpy()
-    assert 0.5 < (plain == a).mean() < 1.0 or (plain == a).all()
+    plain_of_mirrored = medunet.segment(mirrored, model).labels.numpy()[::-1]
+    both = plain == plain_of_mirrored
+    assert 0 < both.sum() < both.size  # the tiny model is not mirror-symmetric, so TTA has something to decide
+    np.testing.assert_array_equal(a[both], plain[both])
+    # Where they disagree, the mean sides with either copy about equally often, and with three classes it may pick
+    # the third (measured: 2057 plain, 2123 mirrored, 221 neither of 4401; other scans 0.44-0.49 plain, 2.6-5%
+    # neither). Bounds, not counts: the counts move whenever the training code changes the tiny model.
+    disagree = ~both
+    assert 0.25 < (a[disagree] == plain[disagree]).mean() < 0.75
+    assert ((a == plain) | (a == plain_of_mirrored))[disagree].mean() > 0.9
 
 
 def expected_ct_frames(data_dir: Path) -> tuple[np.ndarray, np.ndarray, list[float]]:
