@@ -91,6 +91,16 @@ def test_run_job_trains_inside_its_tracking_run(tiny_config: Path, tmp_path: Pat
     assert outcome.describe().startswith(f"best mean Dice {outcome.result.best_dice:.4f} at epoch ")
 
 
+def test_run_job_tracks_each_fold(tiny_config: Path, tmp_path: Path, fake_tracker: list) -> None:
+    cfg = load_config(tiny_config, {"train.epochs": 1})
+    said: list[str] = []
+    outcome = run_job(TrainJob(cfg, tmp_path / "cv", folds=2, device="cpu", progress=False), notify=said.append)
+    assert outcome.result is None and outcome.summary is not None and len(outcome.summary["folds"]) == 2
+    folds = [tmp_path / "cv" / f"fold_{k}" for k in range(2)]
+    assert fake_tracker == [e for f in folds for e in (("start", f), ("epoch", 1), ("finish", "FINISHED"))]
+    assert said == ["MLflow run run123 at sqlite:///here.db"] * 2
+
+
 def test_outcome_lines(tmp_path: Path) -> None:
     result = TrainResult(tmp_path, tmp_path / "best.pt", 0.75, 3, {"one": 0.7, "two": 0.8}, 4, 90.0)
     assert TrainOutcome(tmp_path, result=result).describe() == (
