@@ -11,12 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from medunet.config import InferConfig, NetworkConfig, PreprocessConfig, from_dict
+from medunet.config import InferConfig, NetworkConfig, PreprocessConfig
 from medunet.errors import InputError
 from medunet.inference.backends import Backend, Engine, TorchEngine
-from medunet.io import load_checkpoint
-from medunet.io.bundle_layout import is_bundle, read_bundle_payload
+from medunet.io.bundle_layout import is_bundle, read_bundle_model, read_bundle_payload
+from medunet.io.model_file import ModelFile, label_values, read_model_file, read_run_model, run_checkpoints
+from medunet.io.model_file import ensemble_payload as ensemble_payload  # re-exported: it lived here
 from medunet.io.model_uri import download_registered_bundle, is_registry_uri
+from medunet.io.run_layout import fold_checkpoints as fold_checkpoints  # re-exported: it lived here
 from medunet.networks import NetworkDescription, create_network, describe_network
 
 
@@ -37,8 +39,7 @@ class SegmentationModel:
     @property
     def label_values(self) -> tuple[int, ...]:
         """The value written for each class index (the inverse of the training ``label_map``)."""
-        mapping = {index: value for value, index in self.preprocess.label_map}
-        return tuple(mapping.get(i, i) for i in range(self.preprocess.num_classes))
+        return label_values(self.preprocess)
 
     @property
     def description(self) -> NetworkDescription:
@@ -63,19 +64,15 @@ class SegmentationModel:
 
 
 def model_from_payload(payload: dict[str, Any], source: str) -> SegmentationModel:
-    """Build a model from a checkpoint payload (see ``medunet.training.loop.model_payload``)."""
-    try:
-        net_cfg = from_dict(NetworkConfig, payload["network"], where=f"{source}:network")
-        pre = from_dict(PreprocessConfig, payload["preprocess"], where=f"{source}:preprocess")
-        inf = from_dict(InferConfig, payload.get("infer", {}), where=f"{source}:infer")
-        network = create_network(net_cfg)
-        network.load_state_dict({k: v.float() for k, v in payload["state_dict"].items()})
-    except KeyError as exc:
-        raise InputError(source, f"checkpoint lacks {exc}; is it a medunet checkpoint?") from None
-    except RuntimeError as exc:
-        raise InputError(source, f"weights do not fit the network ({str(exc).splitlines()[0]})") from None
-    network.eval()
-    return SegmentationModel(network, net_cfg, pre, inf, source, read_fingerprint(payload.get("fingerprint"), source))
+    """Build a model from a checkpoint payload (``medunet.io.model_file`` describes it)."""
+    return model_from_file(ModelFile.from_payload(payload, source))
+
+
+def model_from_file(model: ModelFile) -> SegmentationModel:
+    """The network of ``model`` with its weights, in eval mode, and what inference needs around it."""
+    network = model.load_into(create_network(model.network))
+    fingerprint = read_fingerprint(model.fingerprint, model.source)
+    return SegmentationModel(network, model.network, model.preprocess, model.infer, model.source, fingerprint)
 
 
 def read_fingerprint(text: object, source: str) -> dict[str, Any] | None:
@@ -89,23 +86,6 @@ def read_fingerprint(text: object, source: str) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise InputError(source, "its training fingerprint is not a JSON object")
     return data
-
-
-def fold_checkpoints(folder: Path) -> list[Path]:
-    """``fold_k/best.pt`` of a cross-validation run (``medunet train --folds K``), in fold order."""
-    found = [p for p in folder.glob("fold_*/best.pt") if p.parent.name.removeprefix("fold_").isdigit()]
-    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("fold_")))
-
-
-def ensemble_payload(payloads: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
-    """One payload whose network averages the probabilities of ``payloads`` (same network and preprocessing)."""
-    first = payloads[0]
-    for payload, source in zip(payloads[1:], sources[1:], strict=True):
-        for key in ("network", "preprocess"):
-            if payload.get(key) != first.get(key):
-                raise InputError(source, f"its {key} differs from {sources[0]}'s; folds must share one recipe")
-    state = {f"members.{i}.{k}": v for i, p in enumerate(payloads) for k, v in p["state_dict"].items()}
-    return {**first, "network": {**first["network"], "ensemble": len(payloads)}, "state_dict": state}
 
 
 DEFAULT_BUNDLE = "hippocampus_mri_3d"
@@ -165,21 +145,16 @@ def load_model(
 def _load_torch_model(ref: str | Path, device: str | torch.device, tracking_uri: str | None) -> SegmentationModel:
     if is_registry_uri(ref):
         bundle = download_registered_bundle(str(ref), tracking_uri)
-        model = model_from_payload(read_bundle_payload(bundle), str(ref))
-        return model.to(device)
+        return model_from_file(ModelFile.from_payload(read_bundle_payload(bundle), str(ref))).to(device)
     path = Path(ref)
     if is_bundle(path):
-        return model_from_payload(read_bundle_payload(path), str(path)).to(device)
+        return model_from_file(read_bundle_model(path)).to(device)
     if path.is_dir():
-        folds = fold_checkpoints(path)
-        if not (path / "best.pt").is_file() and folds:
-            payload = ensemble_payload([load_checkpoint(f) for f in folds], [str(f) for f in folds])
-            return model_from_payload(payload, str(path)).to(device)
-        if not (path / "best.pt").is_file():
+        if not run_checkpoints(path):
             raise InputError(
                 path, "folder is neither a medunet bundle, a run folder with best.pt, nor a cross-validation run"
             )
-        path = path / "best.pt"
+        return model_from_file(read_run_model(path)).to(device)
     if not path.exists():
         raise InputError(path, "no such model file or folder")
-    return model_from_payload(load_checkpoint(path), str(path)).to(device)
+    return model_from_file(read_model_file(path)).to(device)

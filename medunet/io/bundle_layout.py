@@ -14,6 +14,7 @@ from typing import Any
 
 from medunet.errors import InputError
 from medunet.io.checkpoint import load_checkpoint
+from medunet.io.model_file import ModelFile
 
 METADATA = Path("configs/metadata.json")
 INFERENCE = Path("configs/inference.json")
@@ -48,7 +49,11 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_bundle_payload(folder: Path) -> dict[str, Any]:
-    """The checkpoint-style payload (network, preprocess, infer, state_dict) of a medunet bundle."""
+    """The checkpoint-style payload (network, preprocess, infer, state_dict) of a medunet bundle.
+
+    ``models/model.pt`` is a bare state dict, as MONAI's bundles keep it (``{"state_dict": ...}`` is
+    read too); the bundle's configs say what it is the weights of.
+    """
     config = read_json(folder / INFERENCE)
     net = config.get("network_def")
     segmenter = config.get("segmenter")
@@ -72,3 +77,8 @@ def read_bundle_payload(folder: Path) -> dict[str, Any]:
     if (folder / FINGERPRINT).is_file():  # the training data's fingerprint, kept as text like a checkpoint's
         payload["fingerprint"] = (folder / FINGERPRINT).read_text()
     return payload
+
+
+def read_bundle_model(folder: Path) -> ModelFile:
+    """The model of a medunet bundle (``read_bundle_payload``, typed)."""
+    return ModelFile.from_payload(read_bundle_payload(folder), str(folder))

@@ -20,22 +20,15 @@ from typing import Any
 import numpy as np
 
 from medunet.config import ExperimentConfig
+from medunet.io.run_layout import FOLD_RESULT, SUMMARY_CSV, SUMMARY_JSON, fold_dir
 from medunet.io.writers import atomic_path, write_text
 from medunet.training.loop import TrainRequest, TrainResult, train
 
 log = logging.getLogger(__name__)
 
-SUMMARY_JSON = "cv_summary.json"
-SUMMARY_CSV = "cv_summary.csv"
-FOLD_RESULT = "fold_result.json"  # written last in a fold folder: the fold is complete
-
 # Called with (fold's config, fold folder): a context the fold trains inside (a tracking run), yielding its
 # epoch hook.
 FoldHooks = Callable[[ExperimentConfig, Path], AbstractContextManager[Callable[[dict[str, Any]], None] | None]]
-
-
-def fold_dir(output: Path, fold: int) -> Path:
-    return output / f"fold_{fold}"
 
 
 def cross_validate(
