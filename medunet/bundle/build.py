@@ -17,12 +17,11 @@ import yaml
 
 from medunet import __version__
 from medunet.config import ExperimentConfig, from_dict, to_dict
-from medunet.errors import InputError
-from medunet.inference.model import ensemble_payload, fold_checkpoints
 from medunet.io import bundle_layout as layout
-from medunet.io import load_checkpoint, save_checkpoint
+from medunet.io import run_layout as runs
+from medunet.io import save_checkpoint
+from medunet.io.model_file import ModelFile, read_run_model
 from medunet.io.writers import write_text
-from medunet.training.crossval import SUMMARY_JSON
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 
@@ -69,27 +68,24 @@ def build_bundle(
     For a cross-validation run (``fold_k/best.pt``, from ``medunet train --folds K``) the bundle's
     network is the ensemble of the folds and ``models/model.pt`` holds every fold's weights.
     """
-    best = run_dir / "best.pt"
-    folds = [] if best.is_file() else fold_checkpoints(run_dir)
+    model = read_run_model(run_dir)
+    folds = [] if (run_dir / runs.BEST).is_file() else runs.fold_checkpoints(run_dir)
     cv: dict[str, Any] | None = None
     if folds:
-        payload = ensemble_payload([load_checkpoint(f) for f in folds], [str(f) for f in folds])
-        config_file = folds[0].parent / "config.yaml"
-        cv = json.loads((run_dir / SUMMARY_JSON).read_text()) if (run_dir / SUMMARY_JSON).exists() else None
+        config_file = folds[0].parent / runs.CONFIG
+        summary = run_dir / runs.SUMMARY_JSON
+        cv = json.loads(summary.read_text()) if summary.exists() else None
     else:
-        payload = load_checkpoint(best)
-        config_file = run_dir / "config.yaml"
-    if "network" not in payload:
-        raise InputError(best, "not a medunet checkpoint")
+        config_file = run_dir / runs.CONFIG
     recipe_raw = yaml.safe_load(config_file.read_text())
     cfg: ExperimentConfig = from_dict(ExperimentConfig, recipe_raw, where=str(config_file))
     if folds:  # the recipe is the whole cross-validation, not its first fold
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=None, folds=len(folds)))
         history = [cv_record(cv)] if cv else []
-        split = {"folds": [json.loads((f.parent / "split.json").read_text())["val"] for f in folds]}
+        split = {"folds": [json.loads((f.parent / runs.SPLIT).read_text())["val"] for f in folds]}
     else:
-        history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
-        split = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").exists() else {}
+        history = json.loads((run_dir / runs.HISTORY).read_text()) if (run_dir / runs.HISTORY).exists() else []
+        split = json.loads((run_dir / runs.SPLIT).read_text()) if (run_dir / runs.SPLIT).exists() else {}
 
     tmp = dest.parent / f".{dest.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -97,25 +93,25 @@ def build_bundle(
     (tmp / "models").mkdir()
     (tmp / "docs").mkdir()
 
-    state = payload["state_dict"]
+    state = model.state_dict
     if half_precision:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_checkpoint(state, tmp / layout.WEIGHTS)
 
     manifest = os.path.relpath(cfg.data.manifest, dest.resolve()) if cfg.data.manifest.is_absolute() else None
-    fingerprint = payload.get("fingerprint")
-    if isinstance(fingerprint, str):  # a planned run: its data's fingerprint travels with the model
+    fingerprint = model.fingerprint
+    if fingerprint is not None:  # a planned run: its data's fingerprint travels with the model
         (tmp / layout.FINGERPRINT).write_text(fingerprint)
-    if (run_dir / "plan.yaml").is_file():
-        shutil.copyfile(run_dir / "plan.yaml", tmp / layout.PLAN)
+    if (run_dir / runs.PLAN).is_file():
+        shutil.copyfile(run_dir / runs.PLAN, tmp / layout.PLAN)
     data = dataclasses.replace(
         cfg.data,
         manifest=Path(manifest or "."),
-        fingerprint=Path(layout.FINGERPRINT.name) if isinstance(fingerprint, str) else None,
+        fingerprint=Path(layout.FINGERPRINT.name) if fingerprint is not None else None,
     )
     recipe = to_dict(dataclasses.replace(cfg, data=data))
     _dump(tmp / layout.METADATA, metadata(cfg, card, version, history))
-    _dump(tmp / layout.INFERENCE, inference_config(payload))
+    _dump(tmp / layout.INFERENCE, inference_config(model))
     _dump(tmp / layout.EVALUATE, evaluate_config())
     _dump(tmp / layout.TRAIN, train_config(recipe, folds=len(folds) or None))
     (tmp / layout.RECIPE).write_text(
@@ -124,7 +120,7 @@ def build_bundle(
     )
     (tmp / "configs" / "split.json").write_text(json.dumps(split, indent=1))
     card_text = model_card(
-        dest.name, cfg, card, history, split, version, command, cv, fingerprint=isinstance(fingerprint, str)
+        dest.name, cfg, card, history, split, version, command, cv, fingerprint=fingerprint is not None
     )
     (tmp / layout.README).write_text(card_text)
     (tmp / layout.LICENSE).write_text(card.license_text or _default_license(card))
@@ -199,7 +195,7 @@ def metadata(cfg: ExperimentConfig, card: ModelCard, version: str, history: list
     }
 
 
-def inference_config(payload: dict[str, Any]) -> dict[str, Any]:
+def inference_config(model: ModelFile) -> dict[str, Any]:
     """``configs/inference.json``: a folder of scans in, masks with the scans' geometry out."""
     return {
         "imports": ["$import medunet.bundle.components"],
@@ -208,7 +204,7 @@ def inference_config(payload: dict[str, Any]) -> dict[str, Any]:
         "output_dir": "$@bundle_root + '/eval'",
         "device": "cpu",
         "checkpoint": "$@bundle_root + '/models/model.pt'",
-        "network_def": {"_target_": layout.NETWORK_TARGET, **payload["network"]},
+        "network_def": {"_target_": layout.NETWORK_TARGET, **to_dict(model.network)},
         "segmenter": {
             "_target_": layout.SEGMENTER_TARGET,
             "network": "@network_def",
@@ -216,8 +212,8 @@ def inference_config(payload: dict[str, Any]) -> dict[str, Any]:
             "dataset_dir": "@dataset_dir",
             "output_dir": "@output_dir",
             "device": "@device",
-            "preprocess": payload["preprocess"],
-            "infer": payload["infer"],
+            "preprocess": to_dict(model.preprocess),
+            "infer": to_dict(model.infer),
         },
         "run": ["$@segmenter.run()"],
     }

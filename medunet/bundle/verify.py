@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -12,6 +13,9 @@ import torch
 
 from medunet.errors import InputError, MedunetError
 from medunet.io import bundle_layout as layout
+from medunet.io.export_metadata import can_read_onnx, read_onnx_metadata
+from medunet.io.model_file import ModelFile
+from medunet.networks import create_network
 
 
 @dataclass(frozen=True)
@@ -45,49 +49,39 @@ def verify_bundle(path: Path) -> list[str]:
     ]
     if problems:
         return problems
-    from medunet.inference.model import model_from_payload
-
     try:
-        model = model_from_payload(layout.read_bundle_payload(path), str(path))
+        model = layout.read_bundle_model(path)
+        network = model.load_into(create_network(model.network))
     except MedunetError as exc:
         return [str(exc)]
     fmt = meta["network_data_format"]
     inp, out = fmt["inputs"]["image"], fmt["outputs"]["pred"]
     shape = [int(s) for s in inp["spatial_shape"]]
-    if model.network_config.in_channels != inp["num_channels"]:
-        problems.append(
-            f"metadata says {inp['num_channels']} input channels, network has {model.network_config.in_channels}"
-        )
+    if model.network.in_channels != inp["num_channels"]:
+        problems.append(f"metadata says {inp['num_channels']} input channels, network has {model.network.in_channels}")
     if len(model.preprocess.label_names) != out["num_channels"]:
         problems.append(
             f"metadata says {out['num_channels']} output channels, labels are {model.preprocess.label_names}"
         )
     with torch.no_grad():
-        y = model.window_engine()(torch.zeros(1, inp["num_channels"], *shape))
+        y = network(torch.zeros(1, inp["num_channels"], *shape))
     if tuple(y.shape) != (1, out["num_channels"], *[int(s) for s in out["spatial_shape"]]):
         problems.append(f"network maps {shape} to {tuple(y.shape)}, not what metadata says")
     return problems + onnx_problems(path, model)
 
 
-def onnx_problems(path: Path, model: Any) -> list[str]:
+def onnx_problems(path: Path, model: ModelFile) -> list[str]:
     """A bundle's ``models/model.onnx`` (optional) must be the same model: network, labels, preprocessing."""
     graph = path / "models" / "model.onnx"
-    if not graph.is_file():
+    if not graph.is_file() or not can_read_onnx():  # without onnx the graph cannot be read, and is not needed
         return []
-    import dataclasses
-
-    from medunet.inference.backends import BackendError
-    from medunet.inference.export import read_metadata
-
     try:
-        meta = json.loads(json.dumps(read_metadata(graph)))
-    except BackendError:  # onnx is not installed here: the graph cannot be read, and is not needed
-        return []
+        meta = json.loads(json.dumps(read_onnx_metadata(graph)))
     except MedunetError as exc:
         return [str(exc)]
     problems = []
     ours = {
-        "network": dataclasses.asdict(model.network_config),
+        "network": dataclasses.asdict(model.network),
         "preprocess": dataclasses.asdict(model.preprocess),
         "label_values": list(model.label_values),
     }

@@ -44,11 +44,10 @@ from medunet.inference.backends import (
     require,
 )
 from medunet.inference.model import SegmentationModel, read_fingerprint
+from medunet.io.export_metadata import EXPORT_FORMAT, METADATA_KEY, can_read_onnx, onnx_metadata_text, parse_metadata
 from medunet.io.writers import atomic_path
 from medunet.networks.topology import total_stride
 
-EXPORT_FORMAT = "medunet-export/1"
-METADATA_KEY = "medunet"
 MIN_AGREEMENT = 0.999  # share of voxels whose label must match PyTorch's on every check scan
 ONNX_SUFFIX, OPENVINO_SUFFIX, TORCHSCRIPT_SUFFIX = ".onnx", ".xml", ".ts"
 
@@ -171,10 +170,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     try:
         if suffix == ONNX_SUFFIX:
             require_export_reader()
-            import onnx
-
-            proto = onnx.load(str(path), load_external_data=False)
-            text = next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), None)
+            text = onnx_metadata_text(path)
         else:
             require(Backend.OPENVINO)
             import openvino as ov
@@ -185,21 +181,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise
     except Exception as exc:  # a damaged or foreign file: the runtimes raise their own types
         raise InputError(path, f"cannot be read as an exported model ({type(exc).__name__}: {exc})") from None
-    if text is None:
-        raise InputError(path, "has no medunet metadata; export it with `medunet export`")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"its medunet metadata is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise InputError(path, f"its metadata is not {EXPORT_FORMAT}")
-    return meta
+    return parse_metadata(text, path)
 
 
 def require_export_reader() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("onnx") is None:
+    if not can_read_onnx():
         raise BackendError("reading an .onnx model needs onnx (pip install 'medunet[onnx]')")
 
 
