@@ -73,7 +73,7 @@ def test_folds_summary_ensemble_and_bundle(tiny_config: Path, tmp_path: Path) ->
     built = medunet("bundle", "build", "--run", str(run), "--name", "cv_bundle", "--root", str(tmp_path / "bundles"))
     assert built.returncode == 0, built.stderr
     bundle = tmp_path / "bundles" / "cv_bundle"
-    verify_bundle(bundle)
+    assert verify_bundle(bundle) == []
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
     assert inference["network_def"]["ensemble"] == 3
     assert json.loads((bundle / "configs" / "train.json").read_text())["folds"] == 3
