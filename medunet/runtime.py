@@ -9,6 +9,9 @@ application keeps its own stderr, signal handlers and warning filters. The ``med
   DICOM series, say, is checked and described before ITK reads it);
 - turns SIGTERM into the same clean stop as Ctrl-C (temporary files removed, statistics of the scans
   already written kept);
+- waits seconds, not MLflow's minutes, for a tracking server that does not answer
+  (``shorten_mlflow_retries``: ``MLFLOW_HTTP_REQUEST_*``, where the environment does not set them);
+  training keeps the metrics of an outage in its tracking backlog;
 - lets inference tune glibc's allocator while windows run (``enable_allocator_tuning``; see
   ``medunet.inference.tiling.freed_pages_kept``). A host application may opt in the same way;
 - once the model is loaded, moves every object alive into the garbage collector's permanent
@@ -21,6 +24,7 @@ application keeps its own stderr, signal handlers and warning filters. The ``med
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -38,6 +42,24 @@ def configure_cli() -> None:
     _cli = True
     signal.signal(signal.SIGTERM, _terminated)
     enable_allocator_tuning()
+    shorten_mlflow_retries()
+
+
+# A few seconds of retries instead of MLflow's minutes: enough for a dropped keep-alive connection or a
+# busy server; the tracking backlog covers real outages.
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def shorten_mlflow_retries() -> None:
+    """MLflow's HTTP retries and timeout shortened (``MLFLOW_HTTP_DEFAULTS``) where the environment does
+    not set them. Environment variables are the process's (and its children's), so the library never
+    sets them on its own."""
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def quiet_native_warnings(quiet: bool = True) -> None:

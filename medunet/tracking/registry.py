@@ -1,11 +1,19 @@
-"""The MLflow model registry: register a run's model, list, promote with an alias."""
+"""The MLflow model registry: register a run's model, list, promote with an alias.
+
+Every call goes through an ``MlflowClient`` for the tracking URI it is given (``tracking_uri``:
+``--tracking-uri``, ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``), which also serves as the registry;
+MLflow's process-wide URIs are left as they are.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from medunet.errors import MedunetError
 from medunet.io.model_uri import tracking_uri
+
+MODEL_URI_TAG = "medunet.model_uri"  # the run tag holding the URI of the model a training run logged
 
 
 class RegistryError(MedunetError):
@@ -20,32 +28,45 @@ class RegisteredVersion:
     run_id: str
 
 
-def _client(uri: str | None):  # type: ignore[no-untyped-def]
-    import mlflow
+def client_for(uri: str | None) -> Any:
+    """An ``MlflowClient`` whose tracking and registry URIs are ``tracking_uri(uri)``."""
     from mlflow import MlflowClient
 
     resolved = tracking_uri(uri)
-    mlflow.set_tracking_uri(resolved)
-    mlflow.set_registry_uri(resolved)
-    return MlflowClient(resolved, resolved)
+    return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
 
 
 def register_model_uri(model_uri: str, name: str, run_id: str | None = None, uri: str | None = None) -> str:
-    """Register ``model_uri`` as a new version of ``name``; returns the version."""
-    import mlflow
+    """Register ``model_uri`` (``models:/<model id>``, as the tracker logs it) as a new version of
+    ``name``; returns the version."""
+    from mlflow.exceptions import MlflowException
 
-    _client(uri)
-    version = mlflow.register_model(model_uri, name, await_registration_for=30)
+    client = client_for(uri)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise RegistryError(f"{name}: cannot be registered at {tracking_uri(uri)} ({exc.message})") from None
+    try:
+        version = client.create_model_version(
+            name, model_uri, run_id=run_id, await_creation_for=30, model_id=logged_model_id(model_uri)
+        )
+    except MlflowException as exc:
+        raise RegistryError(f"{name}: {model_uri} cannot be registered ({exc.message})") from None
     return str(version.version)
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """``m-...`` of ``models:/m-...`` (a logged model), else ``None``."""
+    body = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
+    return body if body and "/" not in body and "@" not in body else None
 
 
 def register_run(run_id: str, name: str, uri: str | None = None) -> str:
     """Register the model that ``medunet train`` logged in run ``run_id``."""
     from mlflow.exceptions import MlflowException
 
-    from medunet.tracking.tracker import MODEL_URI_TAG
-
-    client = _client(uri)
+    client = client_for(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
@@ -57,7 +78,7 @@ def register_run(run_id: str, name: str, uri: str | None = None) -> str:
 
 
 def list_versions(uri: str | None = None) -> list[RegisteredVersion]:
-    client = _client(uri)
+    client = client_for(uri)
     out = []
     for model in client.search_registered_models():
         aliases: dict[str, list[str]] = {}
@@ -76,7 +97,7 @@ def promote(name: str, version: str, alias: str, uri: str | None = None) -> None
     """Point ``alias`` (e.g. ``champion``) at ``version`` of ``name``."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
+    client = client_for(uri)
     try:
         client.set_registered_model_alias(name, alias, version)
     except MlflowException as exc:

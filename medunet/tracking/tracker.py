@@ -4,8 +4,13 @@ By default runs go to an embedded SQLite store (``./mlflow.db``) with artifacts 
 ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` points at a tracking server. A server that is down at
 the start stops the command before training; one that goes away during training does not: the
 metrics are kept in ``<run>/tracking_backlog.jsonl`` and sent once it is back (tried again each
-minute, and when the run ends).
+minute, and when the run ends). How long one call waits for a server is MLflow's
+``MLFLOW_HTTP_REQUEST_*`` settings: the ``medunet`` command shortens them to seconds
+(``medunet.runtime.shorten_mlflow_retries``); a host application keeps its own.
 Only case ids and the config reach MLflow, never image headers (so no DICOM patient tags).
+
+The tracker talks to its server through its own ``MlflowClient``; MLflow's process-wide tracking URI
+is set only while the model is logged (``mlflow.pyfunc.log_model`` has no client), and restored.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ from medunet.config import ExperimentConfig, to_dict
 from medunet.errors import MedunetError
 from medunet.io.model_uri import DEFAULT_ARTIFACTS, tracking_uri
 from medunet.io.writers import write_text
+from medunet.tracking.registry import MODEL_URI_TAG, client_for, register_model_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MODEL_URI_TAG = "medunet.model_uri"
 
 
 class TrackingError(MedunetError):
@@ -83,20 +88,9 @@ class RunTracker:
     RETRY_SECONDS = 60.0
 
     def __init__(self, req: TrackingRequest) -> None:
-        import mlflow
-        from mlflow import MlflowClient
-
         self.req = req
         self.uri = tracking_uri(req.uri)
-        if self.uri.startswith("http"):
-            # a few seconds of retries instead of MLflow's minutes: enough for a dropped keep-alive
-            # connection or a busy server; the backlog covers real outages
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        self.client = client_for(self.uri)
         self.backlog = req.run_dir / "tracking_backlog.jsonl"
         self.online = True
         self.offline_since = 0.0  # time.monotonic() of the last failed call
@@ -209,7 +203,7 @@ class RunTracker:
             self.client.log_artifacts(self.run_id, str(bundle), "bundle")
             from medunet.tracking.pyfunc import MedunetPyfunc
 
-            with _active_run(self.run_id):
+            with _active_run(self.run_id, self.uri):
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=MedunetPyfunc(),
@@ -218,9 +212,7 @@ class RunTracker:
                 )
         self.client.set_tag(self.run_id, MODEL_URI_TAG, info.model_uri)
         if self.req.register_as:
-            from medunet.tracking.registry import register_model_uri
-
-            version = register_model_uri(info.model_uri, self.req.register_as, self.run_id)
+            version = register_model_uri(info.model_uri, self.req.register_as, self.run_id, self.uri)
             log.info("registered %s version %s", self.req.register_as, version)
 
 
@@ -254,11 +246,25 @@ def make_pictures(cfg: ExperimentConfig, run_dir: Path, out: Path, n_cases: int 
 
 
 @contextlib.contextmanager
-def _active_run(run_id: str) -> Iterator[None]:
+def _active_run(run_id: str, uri: str) -> Iterator[None]:
+    """``run_id`` as MLflow's active run at ``uri``, for MLflow's calls that take no client: the
+    process-wide tracking URI (and ``$MLFLOW_TRACKING_URI``, which MLflow sets with it) is ``uri``
+    inside the block only, and what it was before is restored after it."""
     import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    with mlflow.start_run(run_id=run_id):
-        yield
+    previous = getattr(tracking_utils, "_tracking_uri", None)  # set by mlflow.set_tracking_uri; None: never set
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it, as MLflow itself does
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def _param(key: str, value: str) -> Any:

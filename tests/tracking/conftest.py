@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,6 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from medunet.runtime import MLFLOW_HTTP_DEFAULTS
+
+
+@pytest.fixture(autouse=True)
+def _short_mlflow_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the ``medunet`` command sets (``runtime.shorten_mlflow_retries``), for the trackers these
+    tests make in their own process: a stopped server costs seconds, not MLflow's minutes."""
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
 
 
 def free_port() -> int:

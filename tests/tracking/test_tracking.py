@@ -14,12 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from medunet.config import load_config
+from medunet.runtime import MLFLOW_HTTP_DEFAULTS
 from medunet.tracking import RunTracker, TrackingRequest
 from medunet.training import TrainRequest, train
 from tests.conftest import make_blob_case
@@ -199,9 +201,30 @@ def same_address(server: Server) -> Server:
     return revived
 
 
+def mlflow_settings() -> tuple[dict[str, str], str]:
+    """MLflow's process-wide settings: its environment variables (not its own ``_MLFLOW_*`` telemetry
+    ones) and the tracking URI."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}, mlflow.get_tracking_uri()
+
+
+def test_the_tracker_changes_no_environment_variable_nor_mlflow_uri(
+    tiny_config: Path, tmp_path: Path, mlflow_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the command line's entry point sets MLflow's HTTP retries (``runtime.shorten_mlflow_retries``)."""
+    for key in MLFLOW_HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    before = mlflow_settings()
+    _, _, tracker = three_epoch_run(tiny_config, tmp_path, mlflow_server)
+    tracker.log_epoch({"epoch": 1, "loss": 0.5})
+    tracker.finish("KILLED")
+    assert mlflow_settings() == before
+    assert MlflowClient(mlflow_server.uri).get_run(tracker.run_id).info.status == "KILLED"
+
+
 def test_server_going_away_does_not_stop_training(
     tiny_config: Path, tmp_path: Path, mlflow_server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
+    before = mlflow_settings()
     cfg, run_dir, tracker = three_epoch_run(tiny_config, tmp_path, mlflow_server)
 
     def log_then_kill(record: dict) -> None:
@@ -224,6 +247,8 @@ def test_server_going_away_does_not_stop_training(
         client = MlflowClient(revived.uri)
         assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [1, 2, 3]
         assert not (run_dir / "tracking_backlog.jsonl").exists()
+        assert client.get_run(tracker.run_id).data.tags["medunet.model_uri"].startswith("models:/")  # model logged
+        assert mlflow_settings() == before  # MLflow's tracking URI was the server's while the model was logged only
     finally:
         revived.stop()
 
