@@ -18,13 +18,13 @@ from torch import nn
 from medunet.config import ExperimentConfig, InferConfig, to_dict
 from medunet.errors import InputError
 from medunet.io import save_checkpoint
+from medunet.io.checkpoint import CHECKPOINT_FORMAT
+from medunet.io.run_layout import BEST, HISTORY, LAST
 from medunet.io.writers import write_text
 
 if TYPE_CHECKING:
     from medunet.training.state import TrainState
 
-CHECKPOINT_FORMAT = "medunet-checkpoint/1"
-BEST, LAST, HISTORY = "best.pt", "last.pt", "history.json"
 
 # last.pt holds the weights and Adam's two moments; while it is replaced the old and the new copy
 # coexist; best.pt holds the weights, twice during its replacement. Plus room for logs and pictures.
