@@ -18,7 +18,7 @@ from torch import nn
 from medunet.config import ExperimentConfig, InferConfig, to_dict
 from medunet.errors import InputError
 from medunet.io import save_checkpoint
-from medunet.io.checkpoint import CHECKPOINT_FORMAT
+from medunet.io.model_file import ModelFile
 from medunet.io.run_layout import BEST, HISTORY, LAST
 from medunet.io.writers import write_text
 
@@ -41,15 +41,10 @@ def infer_settings(cfg: ExperimentConfig) -> InferConfig:
 
 def model_payload(cfg: ExperimentConfig, model: nn.Module, fingerprint: str | None = None) -> dict[str, Any]:
     """What inference needs and nothing else: network, preprocessing, labels, window and weights, and
-    the training data's ``fingerprint`` (JSON text) when the run was planned from a dataset."""
-    return {
-        **({"fingerprint": fingerprint} if fingerprint is not None else {}),
-        "format": CHECKPOINT_FORMAT,
-        "network": to_dict(cfg.network),
-        "preprocess": to_dict(cfg.preprocess),
-        "infer": to_dict(infer_settings(cfg)),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
+    the training data's ``fingerprint`` (JSON text) when the run was planned from a dataset. The layout
+    is ``medunet.io.model_file.ModelFile``'s."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return ModelFile(cfg.network, cfg.preprocess, infer_settings(cfg), weights, fingerprint).to_payload()
 
 
 def weight_bytes(net: nn.Module) -> int:

@@ -29,7 +29,6 @@ from medunet.config import ExperimentConfig, TrainConfig
 from medunet.evaluation import dice_from_counts, overlap_counts
 from medunet.networks import create_network
 from medunet.training.checkpoints import (
-    CHECKPOINT_FORMAT,
     LAST,
     Checkpointer,
     model_payload,
@@ -45,7 +44,6 @@ from medunet.transforms.windows import fit_window
 
 # also importable from here, where they lived before the loop was split into steps
 __all__ = [
-    "CHECKPOINT_FORMAT",
     "Run",
     "SeededCacheDataset",
     "TrainRequest",
