@@ -12,8 +12,11 @@ application keeps its own stderr, signal handlers and warning filters. The ``med
 - waits seconds, not MLflow's minutes, for a tracking server that does not answer
   (``shorten_mlflow_retries``: ``MLFLOW_HTTP_REQUEST_*``, where the environment does not set them);
   training keeps the metrics of an outage in its tracking backlog;
-- lets inference tune glibc's allocator while windows run (``enable_allocator_tuning``; see
-  ``medunet.inference.tiling.freed_pages_kept``). A host application may opt in the same way;
+- backs large CPU tensors with transparent huge pages (``THP_MEM_ALLOC_ENABLE``, read by PyTorch at
+  its first allocation, so ``configure_cli`` runs before torch is imported): far fewer page faults
+  per window;
+- lets inference tune glibc's allocator while windows run (``enable_allocator_tuning``,
+  ``freed_pages_kept``). A host application may opt in the same way;
 - once the model is loaded, moves every object alive into the garbage collector's permanent
   generation (``settle_heap``): inference collects garbage before planning each scan (the previous
   scan's cycles must not count as taken memory), and a full collection over the heap that the
@@ -24,10 +27,13 @@ application keeps its own stderr, signal handlers and warning filters. The ``med
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import gc
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 _cli = False
@@ -40,6 +46,7 @@ def configure_cli() -> None:
     """What the ``medunet`` command sets for its own process (see the module's docstring)."""
     global _cli
     _cli = True
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # see the module's docstring; before torch's first allocation
     signal.signal(signal.SIGTERM, _terminated)
     enable_allocator_tuning()
     shorten_mlflow_retries()
@@ -93,8 +100,6 @@ def settle_heap() -> None:
     """Collect garbage, then exempt what is left (modules, the loaded model) from later collections
     (``gc.freeze``): they stay alive for the whole run, and a later full collection scans only what
     was made since. Objects frozen here that become garbage in a reference cycle are not collected."""
-    import gc
-
     gc.collect()
     gc.freeze()
 
@@ -123,3 +128,79 @@ def signals_held() -> Iterator[None]:
             signal.signal(s, handler)
         if caught:
             raise Terminated if caught[0] == signal.SIGTERM else KeyboardInterrupt
+
+
+# --- glibc's allocator while windows run (only where enable_allocator_tuning allowed it) ---
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only (the C library this process already has loaded)
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    try:
+        return ctypes.CDLL(None).mallopt  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_LARGEST_THRESHOLD = 2**31 - 1  # mallopt takes an int
+_STEADY_MMAP_THRESHOLD = 32 * 2**20  # where glibc's own sliding threshold ends up after large frees
+
+
+_tuning_lock = threading.Lock()
+_tuned_callers = 0
+
+
+@contextlib.contextmanager
+def freed_pages_kept() -> Iterator[None]:
+    """Keep the pages of freed tensors in this process while windows run, then hand them back.
+
+    glibc returns every block over its mmap threshold (at most 32 MiB) to the system when it is
+    freed, so each layer's new map of a large window starts on fresh pages that the kernel faults
+    in and zeroes one by one (the README gives what that cost on a BraTS scan). Inside this context
+    blocks up to 2 GiB come from the heap and stay there for the next layer; when the last caller
+    leaves, the free pages go back (``malloc_trim``).
+
+    The thresholds belong to the whole process, so this acts only where the process allowed it
+    (``enable_allocator_tuning``: the command line does); callers in several threads
+    share one setting, counted, so one leaving does not undo it under another. Elsewhere than glibc it
+    does nothing.
+    """
+    global _tuned_callers
+    mallopt, trim = _mallopt(), _malloc_trim()
+    if mallopt is None or trim is None or not allocator_tuning():
+        yield
+        return
+    with _tuning_lock:
+        _tuned_callers += 1
+        if _tuned_callers == 1:
+            mallopt(_M_MMAP_THRESHOLD, _LARGEST_THRESHOLD)
+            mallopt(_M_TRIM_THRESHOLD, _LARGEST_THRESHOLD)
+    try:
+        yield
+    finally:
+        with _tuning_lock:
+            _tuned_callers -= 1
+            if _tuned_callers == 0:
+                mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP_THRESHOLD)
+                mallopt(_M_TRIM_THRESHOLD, 2 * _STEADY_MMAP_THRESHOLD)  # glibc's ratio to the sliding threshold
+                trim(0)
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the system.
+
+    glibc keeps the pages of freed tensors (a previous scan, a previous recipe) resident, so
+    ``resident_memory`` would count them as taken and plan smaller windows than the budget allows.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -714,10 +714,7 @@ def networks() -> None:
 
 
 def main() -> None:
-    # Large CPU tensors on transparent huge pages: far fewer page faults per window (about 1.5x faster
-    # inference here). Read by PyTorch at its first allocation, so set before torch is imported.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    from medunet.runtime import configure_cli
+    from medunet.runtime import configure_cli  # before any command imports torch: see medunet.runtime
 
     configure_cli()
     app()

@@ -88,7 +88,7 @@ class TorchEngine:
         return f"torch on {self.device}"
 
     def release(self) -> None:
-        pass  # PyTorch's freed maps go back through the allocator (``tiling.release_free_memory``)
+        pass  # PyTorch's freed maps go back through the allocator (``runtime.release_free_memory``)
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

@@ -27,12 +27,11 @@ from medunet.inference.tiling import (
     TilePlan,
     TileRequest,
     default_memory_budget,
-    freed_pages_kept,
     plan_tiles,
-    release_free_memory,
     resident_memory,
 )
 from medunet.io import load_image
+from medunet.runtime import freed_pages_kept, release_free_memory
 from medunet.transforms import inference_transform
 
 log = logging.getLogger(__name__)

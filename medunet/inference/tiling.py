@@ -9,20 +9,14 @@ segmented in slabs along its last axis, each slab with a margin of context on bo
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
-import gc
 import math
 import os
 import re
 import resource
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from medunet import runtime
 from medunet.networks.description import NetworkDescription
 
 GiB = 1024**3
@@ -72,79 +66,6 @@ def resident_memory() -> int:
     except (OSError, ValueError, IndexError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc only (the C library this process already has loaded)
-    except (OSError, AttributeError):
-        return None
-
-
-@functools.cache
-def _mallopt() -> Callable[[int, int], int] | None:
-    try:
-        return ctypes.CDLL(None).mallopt  # glibc only
-    except (OSError, AttributeError):
-        return None
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_LARGEST_THRESHOLD = 2**31 - 1  # mallopt takes an int
-_STEADY_MMAP_THRESHOLD = 32 * MiB  # where glibc's own sliding threshold ends up after large frees
-
-
-_tuning_lock = threading.Lock()
-_tuned_callers = 0
-
-
-@contextlib.contextmanager
-def freed_pages_kept() -> Iterator[None]:
-    """Keep the pages of freed tensors in this process while windows run, then hand them back.
-
-    glibc returns every block over its mmap threshold (at most 32 MiB) to the system when it is
-    freed, so each layer's new map of a large window starts on fresh pages that the kernel faults
-    in and zeroes one by one (the README gives what that cost on a BraTS scan). Inside this context
-    blocks up to 2 GiB come from the heap and stay there for the next layer; when the last caller
-    leaves, the free pages go back (``malloc_trim``).
-
-    The thresholds belong to the whole process, so this acts only where the process allowed it
-    (``medunet.runtime.enable_allocator_tuning``: the command line does); callers in several threads
-    share one setting, counted, so one leaving does not undo it under another. Elsewhere than glibc it
-    does nothing.
-    """
-    global _tuned_callers
-    mallopt, trim = _mallopt(), _malloc_trim()
-    if mallopt is None or trim is None or not runtime.allocator_tuning():
-        yield
-        return
-    with _tuning_lock:
-        _tuned_callers += 1
-        if _tuned_callers == 1:
-            mallopt(_M_MMAP_THRESHOLD, _LARGEST_THRESHOLD)
-            mallopt(_M_TRIM_THRESHOLD, _LARGEST_THRESHOLD)
-    try:
-        yield
-    finally:
-        with _tuning_lock:
-            _tuned_callers -= 1
-            if _tuned_callers == 0:
-                mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP_THRESHOLD)
-                mallopt(_M_TRIM_THRESHOLD, 2 * _STEADY_MMAP_THRESHOLD)  # glibc's ratio to the sliding threshold
-                trim(0)
-
-
-def release_free_memory() -> None:
-    """Collect garbage and hand the C heap's free pages back to the system.
-
-    glibc keeps the pages of freed tensors (a previous scan, a previous recipe) resident, so
-    ``resident_memory`` would count them as taken and plan smaller windows than the budget allows.
-    """
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def blend_bytes_per_voxel(num_classes: int, half: bool = False) -> int:

@@ -26,8 +26,6 @@ from medunet.inference.tiling import (
     MiB,
     TilePlan,
     TileRequest,
-    _malloc_trim,
-    _mallopt,
     blend_bytes_per_voxel,
     layout_windows,
     parse_memory,
@@ -35,6 +33,7 @@ from medunet.inference.tiling import (
 )
 from medunet.io import load_image
 from medunet.networks import describe_network
+from medunet.runtime import _malloc_trim, _mallopt
 from tests.conftest import make_blob_case
 
 UNET_3D = NetworkConfig(name="unet", spatial_dims=3, in_channels=1, out_channels=3, features=(16, 32, 64, 128))
@@ -200,7 +199,8 @@ def test_memory_a_previous_scan_freed_is_not_counted_as_taken() -> None:
     """glibc keeps freed heap pages resident; the planner hands them back before it measures."""
     code = (
         "import torch\n"
-        "from medunet.inference.tiling import MiB, release_free_memory, resident_memory\n"
+        "from medunet.inference.tiling import MiB, resident_memory\n"
+        "from medunet.runtime import release_free_memory\n"
         "big = torch.ones(6 * MiB); del big\n"  # a freed 24 MiB mapping raises glibc's mmap threshold
         "before = resident_memory()\n"
         "tensors = [torch.ones(MiB) for _ in range(100)]\n"  # 4 MiB each, now from the heap
@@ -223,7 +223,8 @@ def test_freed_pages_stay_while_windows_run_and_go_back_after() -> None:
     Only where the process allowed it, as the command line does: a library caller's allocator is left alone."""
     untouched = (
         "import torch\n"
-        "from medunet.inference.tiling import MiB, freed_pages_kept, release_free_memory, resident_memory\n"
+        "from medunet.inference.tiling import MiB, resident_memory\n"
+        "from medunet.runtime import freed_pages_kept, release_free_memory\n"
         "release_free_memory(); before = resident_memory()\n"
         "with freed_pages_kept():\n"
         "    big = torch.ones(64 * MiB); del big\n"
@@ -234,7 +235,8 @@ def test_freed_pages_stay_while_windows_run_and_go_back_after() -> None:
     code = (
         "import torch\n"
         "from medunet import runtime\n"
-        "from medunet.inference.tiling import MiB, freed_pages_kept, release_free_memory, resident_memory\n"
+        "from medunet.inference.tiling import MiB, resident_memory\n"
+        "from medunet.runtime import freed_pages_kept, release_free_memory\n"
         "runtime.enable_allocator_tuning()\n"
         "release_free_memory(); before = resident_memory()\n"
         "with freed_pages_kept():\n"
