@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import medunet
 from medunet.config import load_config
@@ -17,6 +18,7 @@ from medunet.training import TrainRequest, train
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_isbi_png_in_png_out(data_dir: Path, tmp_path: Path) -> None:
     overrides = {
         "train.epochs": 1,
@@ -48,6 +50,8 @@ def test_isbi_png_in_png_out(data_dir: Path, tmp_path: Path) -> None:
     assert summary[255]["dice_mean"] > 0.5  # cell interior, after one short epoch
 
 
+# MONAI warns for each sampled slice without hippocampus: the slice manifest holds every slice of a volume
+@pytest.mark.filterwarnings("ignore:Num foregrounds 0.*class balanced samples:UserWarning:monai.transforms.utils")
 def test_2d_model_segments_a_volume_slice_by_slice(data_dir: Path, tmp_path: Path) -> None:
     rows = (REPO / "data_manifests" / "msd_hippocampus_2d_slices.csv").read_text().splitlines()
     keep = [r for r in rows[1:] if r.split(",")[2] in {"hippocampus_004", "hippocampus_006", "hippocampus_007"}]

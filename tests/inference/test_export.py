@@ -45,6 +45,7 @@ def graph(model) -> bytes:  # type: ignore[no-untyped-def]
     return to_onnx(model)
 
 
+@pytest.mark.slow
 def test_onnx_export_is_checked_on_real_scans_and_carries_what_a_scan_needs(model, scans, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "hippo.onnx"
     report = export_model(model, ExportFormat.ONNX, out, scans)
@@ -67,6 +68,7 @@ def test_onnx_export_is_checked_on_real_scans_and_carries_what_a_scan_needs(mode
         assert float((got == expected).float().mean()) >= 0.999
 
 
+@pytest.mark.slow
 def test_the_graph_takes_windows_of_any_size(model, graph: bytes) -> None:  # type: ignore[no-untyped-def]
     stride = total_stride(model.network_config)
     window = torch.randn(2, 1, 45, 61, 47)  # no side a multiple of the stride (8)
@@ -78,6 +80,9 @@ def test_the_graph_takes_windows_of_any_size(model, graph: bytes) -> None:  # ty
         assert float((got - expected).abs().max()) < 1e-2  # float rounding on logits of about 5
 
 
+@pytest.mark.slow
+# TorchScript, which torch (2.13 here) deprecates, is one of the export formats medunet offers
+@pytest.mark.filterwarnings("ignore:.torch.jit.(script|save|load). is deprecated:DeprecationWarning:torch.jit")
 def test_openvino_ir_and_torchscript_exports(model, scans, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     xml = tmp_path / "ir" / "hippo.xml"
     export_model(model, ExportFormat.OPENVINO, xml, scans[:1])
@@ -99,6 +104,7 @@ def test_openvino_ir_and_torchscript_exports(model, scans, tmp_path: Path) -> No
         assert torch.allclose(scripted(window), model.network(window), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_an_export_that_disagrees_with_pytorch_is_not_written(model, scans, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     other = create_network(model.network_config).eval()  # the same network, untrained weights
     monkeypatch.setattr("medunet.inference.export.to_onnx", lambda m: to_onnx(replace(model, network=other)))
@@ -119,6 +125,7 @@ def test_a_bundle_carries_its_onnx_graph(model, scans, tmp_path: Path) -> None: 
     assert onnx_model.window_engine().backend is Backend.ONNXRUNTIME
 
 
+@pytest.mark.slow
 def test_foreign_or_damaged_graphs_are_refused_in_one_line(graph: bytes, tmp_path: Path) -> None:
     import onnx
 
@@ -143,6 +150,7 @@ def test_a_missing_runtime_names_its_extra(monkeypatch) -> None:  # type: ignore
         require(Backend.OPENVINO)
 
 
+@pytest.mark.slow
 def test_cli_export_then_infer_with_each_backend(data_dir: Path, tmp_path: Path) -> None:
     scan = data_dir / "msd_hippocampus" / "images" / "hippocampus_004.nii.gz"
     medunet = [sys.executable, "-m", "medunet"]
@@ -190,6 +198,7 @@ def test_auto_runs_openvino_only_where_the_graph_is_at_hand(tmp_path: Path) -> N
     assert load_model(bare, backend=Backend.AUTO).window_engine().backend is Backend.TORCH  # no export on the fly
 
 
+@pytest.mark.slow
 def test_int8_is_written_only_where_it_keeps_the_dice(
     model, scans, data_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
