@@ -13,7 +13,7 @@ from torch import nn
 
 from medunet.config import InferConfig, NetworkConfig, PreprocessConfig
 from medunet.errors import InputError
-from medunet.inference.backends import Backend, Engine, TorchEngine
+from medunet.inference.backends import Engine, TorchEngine
 from medunet.io.bundle_layout import is_bundle, read_bundle_model, read_bundle_payload
 from medunet.io.model_file import ModelFile, label_values, read_model_file, read_run_model, run_checkpoints
 from medunet.io.model_file import ensemble_payload as ensemble_payload  # re-exported: it lived here
@@ -106,43 +106,8 @@ def default_model_path() -> Path:
     return path
 
 
-def load_model(
-    ref: str | Path,
-    device: str | torch.device = "cpu",
-    tracking_uri: str | None = None,
-    backend: Backend | str | None = None,
-    full_precision: bool = False,
-) -> SegmentationModel:
-    """Load a model from a checkpoint (``best.pt``), a run folder, a cross-validation run folder (its
-    folds' ``best.pt`` as one ensemble), a medunet MONAI bundle folder, a registry URI
-    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) or a graph ``medunet export`` wrote (``.onnx``,
-    OpenVINO ``.xml``).
-
-    ``backend`` runs the windows: PyTorch, ONNX Runtime or OpenVINO (a PyTorch model's graph is then
-    taken from its bundle's ``models/model.onnx`` or exported in memory), or ``auto``: see
-    ``medunet.inference.export.with_backend``. By default a PyTorch model runs in PyTorch and an
-    exported graph as ``auto`` says. ``full_precision`` keeps OpenVINO in float32.
-
-    Nothing is executed while loading: configs are read as data, weights with ``weights_only``.
-    """
-    path = Path(ref)
-    if not is_registry_uri(ref) and path.suffix.lower() in (".onnx", ".xml"):
-        from medunet.inference.export import load_exported
-
-        if not path.is_file():
-            raise InputError(path, "no such model file")
-        return load_exported(path, Backend(backend or Backend.AUTO), full_precision)
-    model = _load_torch_model(ref, device, tracking_uri)
-    if backend is None or Backend(backend) is Backend.TORCH:
-        return model
-    from medunet.inference.export import with_backend
-
-    onnx_file = path / "models" / "model.onnx" if is_bundle(path) else None
-    graph = onnx_file if onnx_file is not None and onnx_file.is_file() else None
-    return with_backend(model, Backend(backend), graph, full_precision)
-
-
-def _load_torch_model(ref: str | Path, device: str | torch.device, tracking_uri: str | None) -> SegmentationModel:
+def load_torch_model(ref: str | Path, device: str | torch.device, tracking_uri: str | None) -> SegmentationModel:
+    """A model reference that is not an exported graph, in PyTorch (``medunet.inference.loading.load_model``)."""
     if is_registry_uri(ref):
         bundle = download_registered_bundle(str(ref), tracking_uri)
         return model_from_file(ModelFile.from_payload(read_bundle_payload(bundle), str(ref))).to(device)

@@ -102,7 +102,7 @@ def test_a_malformed_fingerprint_is_refused() -> None:
 
 
 def test_the_default_model_carries_its_fingerprint(hippocampus: TrainingRange) -> None:
-    from medunet.inference.model import load_model
+    from medunet.inference import load_model
 
     fp = load_model(HIPPOCAMPUS_BUNDLE).fingerprint
     assert fp is not None and len(fp["cases"]) == 200
