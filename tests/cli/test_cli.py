@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from tests.conftest import make_blob_case
 
@@ -22,6 +23,7 @@ def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("medunet: error")]
 
 
+@pytest.mark.slow
 def test_infer_writes_mask_and_errors_are_one_line(tiny_model: Path, tmp_path: Path) -> None:
     img, _ = make_blob_case(tmp_path, "scan", seed=5)
     out = tmp_path / "out" / "mask.nii.gz"
@@ -64,6 +66,7 @@ def test_train_refuses_label_with_other_geometry(tmp_path: Path, tiny_config: Pa
     assert not (tmp_path / "run" / "best.pt").exists()
 
 
+@pytest.mark.slow
 def test_train_then_evaluate(tmp_path: Path, tiny_config: Path) -> None:
     run = tmp_path / "run"
     proc = medunet("train", "--config", str(tiny_config), "--output", str(run), "--epochs", "2", "-q")

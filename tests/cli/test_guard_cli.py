@@ -9,10 +9,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 MEDUNET = [sys.executable, "-m", "medunet"]
 
 
+@pytest.mark.slow
 def test_a_ct_scan_into_the_mri_model_is_flagged_and_strict_refuses_it(data_dir: Path, tmp_path: Path) -> None:
     ct = data_dir / "totalseg_examples" / "example_ct_sm.nii.gz"
     hippo = data_dir / "msd_hippocampus" / "images" / "hippocampus_004.nii.gz"

@@ -37,6 +37,7 @@ def ct_series(data_dir: Path, dest: Path, start: int = 6, stop: int = 14) -> Pat
     return dest
 
 
+@pytest.mark.slow
 def test_an_output_that_is_an_input_is_refused_before_anything_runs(tmp_path: Path, data_dir: Path) -> None:
     scan = tmp_path / "scan.nii.gz"
     shutil.copy(SCAN, scan)
@@ -70,6 +71,7 @@ def test_an_output_that_is_an_input_is_refused_before_anything_runs(tmp_path: Pa
     assert sorted(p.name for p in series.iterdir()) == listing and not (tmp_path / "m.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_damaged_dicom_series_is_refused_with_the_missing_position(tmp_path: Path, data_dir: Path) -> None:
     series = ct_series(data_dir, tmp_path / "series")
     victim = sorted(series.iterdir())[3]
@@ -96,6 +98,7 @@ def test_damaged_dicom_series_is_refused_with_the_missing_position(tmp_path: Pat
     assert digest(series) == before
 
 
+@pytest.mark.slow
 def test_a_series_without_uid_is_chosen_by_its_number(tmp_path: Path, data_dir: Path) -> None:
     folder = ct_series(data_dir, tmp_path / "folder", 6, 10)  # the example series has no SeriesInstanceUID
     for tag in ("b", "c"):

@@ -37,6 +37,7 @@ print("differ", differ, "of", len(together))
 
 
 @pytest.mark.parametrize("tuned", ["plain", "tuned"])
+@pytest.mark.slow
 def test_threads_sharing_a_model_get_their_own_masks(data_dir: Path, tuned: str) -> None:
     images = data_dir / "msd_hippocampus" / "images"
     model = REPO / "bundles" / "hippocampus_mri_3d"

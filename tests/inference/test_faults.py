@@ -42,6 +42,7 @@ def stray_files(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_a_write_the_disk_refuses_leaves_no_file_and_the_batch_goes_on(data_dir: Path, tmp_path: Path) -> None:
     """A real refusal by the OS: the command runs with a file-size limit (RLIMIT_FSIZE) that one mask
     exceeds, so its write fails midway (EFBIG, as a full disk fails with ENOSPC)."""
@@ -72,6 +73,7 @@ def test_a_write_the_disk_refuses_leaves_no_file_and_the_batch_goes_on(data_dir:
     assert {r["scan"] for r in stats_rows(stats)} == {p.name.removesuffix(".nii.gz") for p in out.iterdir()}
 
 
+@pytest.mark.slow
 def test_a_refused_seg_or_statistics_write_leaves_no_file(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,6 +115,7 @@ def test_a_refused_seg_or_statistics_write_leaves_no_file(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_a_stopped_batch_leaves_whole_scans_and_resume_finishes_it(data_dir: Path, tmp_path: Path, signum: int) -> None:
     scans = tmp_path / "scans"
     hippocampus_scans(data_dir, scans, 8)

@@ -56,6 +56,7 @@ def test_folder_with_stats_qc_and_a_bad_file(tiny_model: Path, tmp_path: Path) -
     assert not (qc / "broken.png").exists()
 
 
+@pytest.mark.slow
 def test_budget_and_window_options(tiny_model: Path, tmp_path: Path) -> None:
     img, _ = make_blob_case(tmp_path, "scan", seed=5)
     out = tmp_path / "m.nii.gz"
@@ -165,6 +166,7 @@ def test_dicom_seg_of_the_ct_series(data_dir: Path, tmp_path: Path) -> None:
         assert not errors, errors
 
 
+@pytest.mark.slow
 def test_dicom_seg_through_the_cli_leaks_no_identifiers(data_dir: Path, tmp_path: Path) -> None:
     series = tmp_path / "series"
     series.mkdir()
@@ -188,6 +190,7 @@ def test_dicom_seg_through_the_cli_leaks_no_identifiers(data_dir: Path, tmp_path
     assert not (tmp_path / "h.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_unwritable_outputs_are_one_line(tiny_model: Path, tmp_path: Path) -> None:
     img, _ = make_blob_case(tmp_path, "scan", seed=7)
     folder = tmp_path / "a_folder"

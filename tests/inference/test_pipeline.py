@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from medunet.inference import expand_inputs, load_model, plan_jobs, run_jobs
 from medunet.inference.batch import Extras, read_statistics
@@ -14,6 +15,7 @@ from medunet.inference.batch import Extras, read_statistics
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_pipelined_and_sequential_batches_agree_and_a_bad_scan_stops_neither(data_dir: Path, tmp_path: Path) -> None:
     scans = tmp_path / "scans"
     scans.mkdir()

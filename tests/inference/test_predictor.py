@@ -25,6 +25,7 @@ def assert_same_grid(a: Path, b: Path) -> None:
     np.testing.assert_allclose(ia.GetDirection(), ib.GetDirection(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dicom_series_mask_overlays_the_scan(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
     model = medunet.load_model(tiny_model)
     seg = medunet.segment(data_dir / "totalseg_examples" / "example_ct_dicom", model)

@@ -66,6 +66,7 @@ def _write_part(stats: Path, k: int, n: int, scans: list[str]) -> None:
     merge_parts(stats, n, STATS_COLUMNS)
 
 
+@pytest.mark.slow
 def test_shards_merging_at_once_lose_no_row(tmp_path: Path) -> None:
     stats = tmp_path / "stats.csv"
     context = get_context("spawn")
@@ -79,6 +80,7 @@ def test_shards_merging_at_once_lose_no_row(tmp_path: Path) -> None:
     assert len(merged) == 4 * 30 * 2 and len({(r["scan"], r["label"]) for r in merged}) == len(merged)
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_write_what_one_process_writes(scans: Path, tmp_path: Path) -> None:
     # on 2 cores each torchrun process runs one thread; the single process does too, since OpenVINO's
     # bfloat16 sums come out a few voxels apart with another number of threads
@@ -103,6 +105,7 @@ def test_two_torchrun_processes_write_what_one_process_writes(scans: Path, tmp_p
     assert rows(tmp_path / "one.csv") == rows(tmp_path / "two.csv")
 
 
+@pytest.mark.slow
 def test_a_killed_shard_rerun_with_resume_completes_the_statistics(scans: Path, tmp_path: Path) -> None:
     out, stats = tmp_path / "masks", tmp_path / "stats.csv"
     base = [*MEDUNET, "infer", str(scans), "-o", str(out), "--stats", str(stats), "-q"]

@@ -108,6 +108,7 @@ def _broken(data_dir: Path, root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_dataset_check_lists_every_problem_and_writes_nothing(data_dir: Path, tmp_path: Path) -> None:
     root = _broken(data_dir, tmp_path / "broken")
     out = tmp_path / "plans" / "broken.yaml"
@@ -123,6 +124,7 @@ def test_dataset_check_lists_every_problem_and_writes_nothing(data_dir: Path, tm
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
+@pytest.mark.slow
 def test_plan_command_prints_the_reasons_and_refuses_a_broken_dataset(data_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "MEDUNET_CACHE": str(tmp_path / "cache")}
     root = small_acdc(data_dir, tmp_path / "acdc")
@@ -153,6 +155,7 @@ def test_plan_command_prints_the_reasons_and_refuses_a_broken_dataset(data_dir: 
     assert not bad_out.parent.exists()
 
 
+@pytest.mark.slow
 def test_train_dataset_plans_trains_and_keeps_the_fingerprint(tmp_path: Path) -> None:
     """`medunet train --dataset` on a folder pair of generated scans: the plan, a model that carries
     the fingerprint, and a mask on the scan's grid from that model."""

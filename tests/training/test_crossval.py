@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from medunet.bundle.verify import verify_bundle
@@ -21,6 +22,7 @@ def medunet(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "medunet", *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_folds_summary_ensemble_and_bundle(tiny_config: Path, tmp_path: Path) -> None:
     run = tmp_path / "cv"
     proc = medunet("train", "-c", str(tiny_config), "-o", str(run), "--folds", "3", "--epochs", "2", "--no-tracking")

@@ -62,6 +62,7 @@ def _train(cfg: Path, out: Path, processes: int, *extra: str) -> subprocess.Comp
     )
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(real_config: Path, tmp_path: Path) -> None:
     one = _train(real_config, tmp_path / "one", 1)
     assert one.returncode == 0, one.stderr

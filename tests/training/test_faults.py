@@ -24,6 +24,7 @@ def train_cmd(cfg: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "medunet", "train", "-c", str(cfg), "-o", str(out), "--epochs", EPOCHS, *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(tiny_config: Path, tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     started = time.monotonic()
@@ -127,6 +128,7 @@ def tiny_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
             subprocess.run(["umount", str(m)])
 
 
+@pytest.mark.slow
 def test_full_or_read_only_disk_is_refused_before_training(tiny_config: Path, tiny_mount: tuple[Path, Path]) -> None:
     full, readonly = tiny_mount
     proc = subprocess.run(train_cmd(tiny_config, full / "run", "--no-tracking"), capture_output=True, text=True)

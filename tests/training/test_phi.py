@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -53,6 +54,7 @@ def readable_texts(path: Path) -> list[bytes]:
     return texts
 
 
+@pytest.mark.slow
 def test_training_from_dicom_series_leaks_no_patient_identifier(tmp_path: Path) -> None:
     data, work = tmp_path / "data", tmp_path / "work"
     rows = ["image,label,patient_id"]
