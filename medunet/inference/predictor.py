@@ -280,6 +280,8 @@ def _to_input_grid(
     """Undo orientation (exact, on labels) and resampling (on probabilities, then argmax)."""
 
     def invert(t: torch.Tensor) -> torch.Tensor:
+        if not prep.x.applied_operations:  # nothing was moved (a 2D picture): nothing to undo
+            return t
         mapped = MetaTensor(t, meta=prep.x.meta, applied_operations=prep.x.applied_operations)
         return torch.as_tensor(prep.transform.inverse({"image": mapped})["image"])
 

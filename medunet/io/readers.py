@@ -140,7 +140,7 @@ def load_image(
             )
     tensors = [c.as_tensor() for c in channels]
     data = (tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)).float()  # one channel: no copy
-    out = MetaTensor(data, affine=first.affine, meta=dict(first.meta))
+    out = MetaTensor(data, affine=first.affine, meta=meta_without_affine(first.meta))
     out.meta["filename_or_obj"] = str(files[0])
     return out
 
@@ -270,7 +270,7 @@ def _load_channels_in_file(path: Path, spatial_dims: int | tuple[int, ...] | Non
             path, f"expected {count} channels on the last axis of a {dims + 1}D image, got {tuple(img.shape)}"
         )
     data = torch.movedim(img.as_tensor(), -1, 0).float().contiguous()
-    out = MetaTensor(data, affine=img.affine, meta=dict(img.meta))
+    out = MetaTensor(data, affine=img.affine, meta=meta_without_affine(img.meta))
     out.meta["filename_or_obj"] = str(path)
     return out
 
@@ -289,3 +289,8 @@ def _squeeze_to(img: MetaTensor, path: Path, spatial_dims: int | tuple[int, ...]
         want = " or ".join(f"{d}D" for d in allowed)
         raise InputError(path, f"expected a {want} image, got {img.ndim}D with shape {shape}")
     return img
+
+
+def meta_without_affine(meta: dict[str, Any]) -> dict[str, Any]:
+    """A MetaTensor's meta for a new tensor given its affine separately (MONAI warns when both carry one)."""
+    return {k: v for k, v in meta.items() if k != "affine"}

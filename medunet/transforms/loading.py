@@ -16,6 +16,7 @@ from monai.transforms import MapTransform
 from medunet.errors import InputError
 from medunet.io import load_image
 from medunet.io.headers import Header, check_same_grid
+from medunet.io.readers import meta_without_affine
 
 
 def check_same_geometry(image: MetaTensor, label: MetaTensor, label_path: str) -> None:
@@ -90,7 +91,7 @@ class LoadCased(MapTransform):
                 found = sorted(int(v) for v in torch.unique(values).tolist())
                 raise InputError(path, f"label values {found} are not all in label_map {sorted(self.label_map)}")
             values = mapped
-        return MetaTensor(values.to(torch.uint8), affine=label.affine, meta=dict(label.meta))
+        return MetaTensor(values.to(torch.uint8), affine=label.affine, meta=meta_without_affine(label.meta))
 
 
 class _Recent:

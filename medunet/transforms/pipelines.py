@@ -33,6 +33,8 @@ from monai.transforms.transform import MapTransform, Transform
 from medunet.config import AugmentConfig, Normalization, PreprocessConfig
 from medunet.transforms.loading import LoadCased, TakeSliced
 
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # low and high end of each axis
+
 
 def normalization(cfg: PreprocessConfig, key: str = "image") -> list[Transform]:
     """The intensity preset: MR z-score, CT window to [0, 1], or percentile scaling."""
@@ -97,7 +99,8 @@ def spatial_preprocess(cfg: PreprocessConfig, keys: tuple[str, ...], image_dims:
     """Orientation and optional resampling of loaded ``image_dims``-D image (and label) tensors."""
     steps: list[Transform] = []
     if cfg.orientation:
-        steps.append(Orientationd(keys=list(keys), axcodes=cfg.orientation[:image_dims]))
+        # labels: MONAI's meaning of the axis codes (its default until it takes them from the image's space)
+        steps.append(Orientationd(keys=list(keys), axcodes=cfg.orientation[:image_dims], labels=RAS_LABELS))
     if cfg.target_spacing and len(cfg.target_spacing) == image_dims:
         modes = ["bilinear" if k == "image" else "nearest" for k in keys]
         steps.append(Spacingd(keys=list(keys), pixdim=cfg.target_spacing, mode=modes))

@@ -139,6 +139,7 @@ def window_invariant_model(model: medunet.inference.SegmentationModel) -> medune
     return replace(model, network=net, network_config=cfg)
 
 
+@pytest.mark.slow
 def test_slabs_and_small_windows_agree_with_one_pass(tiny_model: Path, tmp_path: Path) -> None:
     model = window_invariant_model(medunet.load_model(tiny_model))
     img, _ = make_blob_case(tmp_path, "big", seed=4, shape=(64, 72, 90))
@@ -156,6 +157,7 @@ def test_slabs_and_small_windows_agree_with_one_pass(tiny_model: Path, tmp_path:
     assert agree > 0.995, agree
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak from Linux /proc")
 def test_peak_memory_stays_under_budget(tiny_model: Path, tmp_path: Path) -> None:
     """A real ``medunet infer`` process on a 32 M voxel scan (128 MB as float32) under a 1.2 GB budget."""
@@ -193,6 +195,7 @@ def _numbers_printed_by(code: str) -> list[int]:
     return [int(v) for v in proc.stdout.split()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from Linux /proc")
 @pytest.mark.skipif(_malloc_trim() is None, reason="glibc's malloc_trim is not in this C library")
 def test_memory_a_previous_scan_freed_is_not_counted_as_taken() -> None:
@@ -215,6 +218,7 @@ def test_memory_a_previous_scan_freed_is_not_counted_as_taken() -> None:
     assert after <= 230, f"{after} MiB still resident for 200 MiB of live tensors"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from Linux /proc")
 @pytest.mark.skipif(_mallopt() is None or _malloc_trim() is None, reason="glibc's mallopt is not in this C library")
 def test_freed_pages_stay_while_windows_run_and_go_back_after() -> None:

@@ -69,6 +69,7 @@ def test_state_dict_round_trip(name: str, dims: int) -> None:
     torch.testing.assert_close(net(x), other(x))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize(("name", "dims"), CASES)
 def test_torchscript_matches_eager(name: str, dims: int) -> None:
     net = build(name, dims).eval()
@@ -220,6 +221,7 @@ ANISOTROPIC = {
 ANISO_CASES = [(name, dims) for name in list_networks() for dims in (2, 3)]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize(("name", "dims"), ANISO_CASES)
 def test_anisotropic_strides_and_kernels(name: str, dims: int) -> None:
     from medunet.networks.topology import receptive_field, total_stride

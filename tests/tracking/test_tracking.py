@@ -51,6 +51,7 @@ def check_run(client: MlflowClient, run_id: str) -> None:
     assert set(split) == {"train", "val"} and all(c.startswith("c") for c in split["val"])  # case ids only
 
 
+@pytest.mark.slow
 def test_embedded_store_register_promote_infer(tiny_config: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
@@ -79,6 +80,7 @@ def test_embedded_store_register_promote_infer(tiny_config: Path, tmp_path: Path
     assert missing.returncode == 1 and "models:/nope@champion: not found in the registry" in missing.stderr
 
 
+@pytest.mark.slow
 def test_tracking_server_and_serving(tiny_config: Path, tmp_path: Path, mlflow_server: Server) -> None:
     work = tmp_path / "work"
     work.mkdir()
@@ -161,6 +163,7 @@ def test_tracking_server_and_serving(tiny_config: Path, tmp_path: Path, mlflow_s
         serve.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_unreachable_server_stops_before_training(tiny_config: Path, tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     proc = medunet(
@@ -207,6 +210,7 @@ def mlflow_settings() -> tuple[dict[str, str], str]:
     return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}, mlflow.get_tracking_uri()
 
 
+@pytest.mark.slow
 def test_the_tracker_changes_no_environment_variable_nor_mlflow_uri(
     tiny_config: Path, tmp_path: Path, mlflow_server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -221,6 +225,7 @@ def test_the_tracker_changes_no_environment_variable_nor_mlflow_uri(
     assert MlflowClient(mlflow_server.uri).get_run(tracker.run_id).info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_server_going_away_does_not_stop_training(
     tiny_config: Path, tmp_path: Path, mlflow_server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -253,6 +258,7 @@ def test_server_going_away_does_not_stop_training(
         revived.stop()
 
 
+@pytest.mark.slow
 def test_server_coming_back_during_training_gets_the_kept_epochs(
     tiny_config: Path, tmp_path: Path, mlflow_server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:

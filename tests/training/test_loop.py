@@ -48,6 +48,7 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
         assert a == b, (where, a, b)
 
 
+@pytest.mark.slow
 def test_training_writes_everything(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = run(tiny_config, out)
