@@ -7,10 +7,11 @@ import math
 import torch
 from torch import nn
 
-from medunet.config import TrainConfig
+from medunet.config import Optimizer, Scheduler, TrainConfig
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("cosine", "poly", "constant")
+# TrainConfig refuses other names when it is built; these errors guard a config built around that check
+OPTIMIZERS = tuple(m.value for m in Optimizer)
+SCHEDULERS = tuple(m.value for m in Scheduler)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

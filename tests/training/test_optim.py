@@ -4,12 +4,13 @@ run (warm-up, cosine, poly, constant), and the errors for names that are not off
 from __future__ import annotations
 
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from medunet.config import TrainConfig
+from medunet.config import ConfigError, TrainConfig, load_config
 from medunet.training.optim import lr_factor, make_optimizer, set_lr
 
 
@@ -35,9 +36,9 @@ def test_sgd_is_nesterov_with_high_momentum() -> None:
     assert group["momentum"] == 0.99 and group["nesterov"] is True
 
 
-def test_unknown_optimizer_names_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown optimizer 'lbfgs'; choose one of \('adam', 'adamw', 'sgd'\)"):
-        make_optimizer(TrainConfig(optimizer="lbfgs"), net())
+def test_unknown_optimizer_is_refused_with_the_config_naming_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"train.optimizer: 'lbfgs' is not one of \['adamw', 'adam', 'sgd'\]"):
+        TrainConfig(optimizer="lbfgs")
 
 
 def test_cosine_runs_from_one_to_the_floor() -> None:
@@ -86,9 +87,13 @@ def test_progress_past_the_end_stays_at_the_floor() -> None:
         assert lr_factor(cfg, 1.5) == pytest.approx(0.02)
 
 
-def test_unknown_scheduler_names_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown scheduler 'step'; choose one of \('cosine', 'poly', 'constant'\)"):
-        lr_factor(TrainConfig(scheduler="step", epochs=10), 0.5)
+def test_unknown_scheduler_is_refused_before_training_not_after_the_warm_up(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"train.scheduler: 'step' is not one of \['cosine', 'poly', 'constant'\]"):
+        TrainConfig(scheduler="step", warmup_epochs=2, epochs=10)
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  scheduler: step\n  warmup_epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:train:scheduler: 'step' is not one of"):
+        load_config(path)
 
 
 def test_set_lr_sets_every_group_and_returns_the_lr() -> None:
