@@ -186,13 +186,14 @@ def train(
 
     def body() -> None:
         from medunet.config import load_config
+        from medunet.training import TrainRequest
         from medunet.training.job import Tracking, TrainJob, config_overrides, run_job
 
         config_path = _training_config(config, dataset, output, time_budget, patient_regex, device, resume, quiet)
         cfg = load_config(config_path, config_overrides(set_ or [], epochs=epochs, fold=fold, folds=folds))
         tracking = Tracking(not no_tracking, tracking_uri, experiment, register)
         cross_validation = folds if fold is None else None
-        job = TrainJob(cfg, output, resume, device, not quiet, folds=cross_validation, tracking=tracking)
+        job = TrainJob(TrainRequest(cfg, output, resume, device, not quiet), cross_validation, tracking)
         outcome = run_job(job, notify=print)
         if world.is_main:
             print(outcome.describe())

@@ -57,12 +57,11 @@ class Tracking:
 
 @dataclass(frozen=True)
 class TrainJob:
-    config: ExperimentConfig
-    output: Path
-    resume: bool = False
-    device: str = "auto"
-    progress: bool = True
-    folds: int | None = None  # cross-validate: train every one of this many folds into OUTPUT/fold_k
+    """``run``: what to train and where (one model, or each fold's); ``folds``: cross-validate, training
+    every one of this many folds into ``OUTPUT/fold_k``; ``tracking``: where the runs are recorded."""
+
+    run: TrainRequest
+    folds: int | None = None
     tracking: Tracking = field(default_factory=Tracking)
 
     def __post_init__(self) -> None:
@@ -96,25 +95,25 @@ def run_job(job: TrainJob, notify: Notify = log.info) -> TrainOutcome:
     """Train ``job`` inside its tracking run(s); see the module docstring."""
     world = current_world()
     tracking = job.tracking if world.is_main else Tracking(enabled=False)
+    run = job.run
     try:
         if job.folds is not None:
             summary = cross_validate(
-                job.config,
-                job.output,
+                run.config,
+                run.output,
                 job.folds,
-                job.resume,
-                job.device,
-                progress=job.progress,
+                run.resume,
+                run.device,
+                progress=run.progress,
                 hooks=lambda cfg, out: tracking_run(cfg, out, tracking, notify),
                 is_main=world.is_main,
             )
-            return TrainOutcome(job.output, summary=summary)
-        request = TrainRequest(job.config, job.output, job.resume, job.device, job.progress)
-        with tracking_run(job.config, job.output, tracking, notify) as on_epoch:
-            result = train(request, on_epoch=on_epoch)
-            if job.config.infer.largest_component is None and world.is_main:
-                notify(choose_postprocessing(result, job.config))
-        return TrainOutcome(job.output, result=result)
+            return TrainOutcome(run.output, summary=summary)
+        with tracking_run(run.config, run.output, tracking, notify) as on_epoch:
+            result = train(run, on_epoch=on_epoch)
+            if run.config.infer.largest_component is None and world.is_main:
+                notify(choose_postprocessing(result, run.config))
+        return TrainOutcome(run.output, result=result)
     finally:
         close_world()
 

@@ -12,7 +12,7 @@ import medunet.tracking
 from medunet.config import load_config
 from medunet.io import load_checkpoint
 from medunet.tracking import TrackingRequest
-from medunet.training import Tracking, TrainJob, TrainOutcome, TrainResult, run_job
+from medunet.training import Tracking, TrainJob, TrainOutcome, TrainRequest, TrainResult, run_job
 from medunet.training.job import config_overrides, tracking_run
 
 
@@ -50,9 +50,9 @@ def test_config_overrides() -> None:
 def test_job_refuses_registering_what_is_not_one_tracked_model(tiny_config: Path, tmp_path: Path) -> None:
     cfg = load_config(tiny_config)
     with pytest.raises(ValueError, match="--register needs tracking"):
-        TrainJob(cfg, tmp_path, tracking=Tracking(enabled=False, register_as="m"))
+        TrainJob(TrainRequest(cfg, tmp_path), tracking=Tracking(enabled=False, register_as="m"))
     with pytest.raises(ValueError, match="--register takes one model"):
-        TrainJob(cfg, tmp_path, folds=3, tracking=Tracking(register_as="m"))
+        TrainJob(TrainRequest(cfg, tmp_path), folds=3, tracking=Tracking(register_as="m"))
 
 
 def test_tracking_run_life_cycle(tiny_config: Path, tmp_path: Path, fake_tracker: list) -> None:
@@ -82,7 +82,7 @@ def test_run_job_trains_inside_its_tracking_run(tiny_config: Path, tmp_path: Pat
     the model the tracker logs carries it."""
     cfg = load_config(tiny_config, {"train.epochs": 2, "infer.largest_component": None})
     said: list[str] = []
-    outcome = run_job(TrainJob(cfg, tmp_path / "run", device="cpu", progress=False), notify=said.append)
+    outcome = run_job(TrainJob(TrainRequest(cfg, tmp_path / "run", device="cpu", progress=False)), notify=said.append)
     assert outcome.result is not None and outcome.summary is None and outcome.result.epochs_run == 2
     assert fake_tracker == [("start", tmp_path / "run"), ("epoch", 1), ("epoch", 2), ("finish", "FINISHED")]
     assert len(said) == 2 and said[0].startswith("largest-component post-processing ")
@@ -94,7 +94,8 @@ def test_run_job_trains_inside_its_tracking_run(tiny_config: Path, tmp_path: Pat
 def test_run_job_tracks_each_fold(tiny_config: Path, tmp_path: Path, fake_tracker: list) -> None:
     cfg = load_config(tiny_config, {"train.epochs": 1})
     said: list[str] = []
-    outcome = run_job(TrainJob(cfg, tmp_path / "cv", folds=2, device="cpu", progress=False), notify=said.append)
+    job = TrainJob(TrainRequest(cfg, tmp_path / "cv", device="cpu", progress=False), folds=2)
+    outcome = run_job(job, notify=said.append)
     assert outcome.result is None and outcome.summary is not None and len(outcome.summary["folds"]) == 2
     folds = [tmp_path / "cv" / f"fold_{k}" for k in range(2)]
     assert fake_tracker == [e for f in folds for e in (("start", f), ("epoch", 1), ("finish", "FINISHED"))]
