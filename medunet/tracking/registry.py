@@ -1,12 +1,17 @@
 """The MLflow model registry: register a run's model, list, promote with an alias.
 
 Every call goes through an ``MlflowClient`` for the tracking URI it is given (``tracking_uri``:
-``--tracking-uri``, ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``), which also serves as the registry;
-MLflow's process-wide URIs are left as they are.
+``--tracking-uri``, ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``), which also serves as the registry.
+MLflow's process-wide URI is set only inside ``process_tracking_uri``, for the few MLflow calls that
+take no client or make their own, and restored after.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +31,33 @@ class RegisteredVersion:
     version: str
     aliases: tuple[str, ...]
     run_id: str
+
+
+_PROCESS_URI_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI (and ``$MLFLOW_TRACKING_URI``, which MLflow sets with it) is
+    ``uri`` inside the block only; what it was before is restored after. For MLflow calls that take no
+    client (``mlflow.pyfunc.log_model``) or make their own ``MlflowClient()`` (a local registry store
+    resolves a ``models:/m-...`` source that way when a version is created). medunet's own blocks
+    take turns (a lock); MLflow offers no way to keep a host thread's fluent calls out meanwhile."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _PROCESS_URI_LOCK:
+        previous = getattr(tracking_utils, "_tracking_uri", None)  # set by mlflow.set_tracking_uri; None: never set
+        previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it, as MLflow itself does
+            if previous_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def client_for(uri: str | None) -> Any:
@@ -48,9 +80,10 @@ def register_model_uri(model_uri: str, name: str, run_id: str | None = None, uri
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise RegistryError(f"{name}: cannot be registered at {tracking_uri(uri)} ({exc.message})") from None
     try:
-        version = client.create_model_version(
-            name, model_uri, run_id=run_id, await_creation_for=30, model_id=logged_model_id(model_uri)
-        )
+        with process_tracking_uri(tracking_uri(uri)):  # a local store resolves the model with MlflowClient()
+            version = client.create_model_version(
+                name, model_uri, run_id=run_id, await_creation_for=30, model_id=logged_model_id(model_uri)
+            )
     except MlflowException as exc:
         raise RegistryError(f"{name}: {model_uri} cannot be registered ({exc.message})") from None
     return str(version.version)

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import tempfile
 import time
@@ -34,7 +33,7 @@ from medunet.config import ExperimentConfig, to_dict
 from medunet.errors import MedunetError
 from medunet.io.model_uri import DEFAULT_ARTIFACTS, tracking_uri
 from medunet.io.writers import write_text
-from medunet.tracking.registry import MODEL_URI_TAG, client_for, register_model_uri
+from medunet.tracking.registry import MODEL_URI_TAG, client_for, process_tracking_uri, register_model_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -247,24 +246,12 @@ def make_pictures(cfg: ExperimentConfig, run_dir: Path, out: Path, n_cases: int 
 
 @contextlib.contextmanager
 def _active_run(run_id: str, uri: str) -> Iterator[None]:
-    """``run_id`` as MLflow's active run at ``uri``, for MLflow's calls that take no client: the
-    process-wide tracking URI (and ``$MLFLOW_TRACKING_URI``, which MLflow sets with it) is ``uri``
-    inside the block only, and what it was before is restored after it."""
+    """``run_id`` as MLflow's active run at ``uri``, for MLflow's calls that take no client; the
+    process-wide URI is ``uri`` inside the block only (``registry.process_tracking_uri``)."""
     import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    previous = getattr(tracking_utils, "_tracking_uri", None)  # set by mlflow.set_tracking_uri; None: never set
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            yield
-    finally:
-        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it, as MLflow itself does
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+    with process_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        yield
 
 
 def _param(key: str, value: str) -> Any:

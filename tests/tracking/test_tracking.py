@@ -81,6 +81,28 @@ def test_embedded_store_register_promote_infer(tiny_config: Path, tmp_path: Path
 
 
 @pytest.mark.slow
+def test_registering_into_a_store_named_by_tracking_uri(tiny_config: Path, tmp_path: Path) -> None:
+    """A local store named with --tracking-uri (not ./mlflow.db): MLflow's local registry looks the
+    logged model up through the process-wide URI, which medunet sets to that store for the call."""
+    work, store = tmp_path / "work", tmp_path / "elsewhere" / "store.db"
+    work.mkdir()
+    store.parent.mkdir()
+    uri = f"sqlite:///{store}"
+    proc = medunet(
+        "train", "--config", str(tiny_config), "--output", "run", "--epochs", "1", "--tracking-uri", uri,
+        "--register", "blobs", "-q", cwd=work,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not (work / "mlflow.db").exists()
+    client = MlflowClient(uri)
+    run_id = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0].info.run_id
+    again = medunet("registry", "register", run_id, "blobs", "--tracking-uri", uri, cwd=work)
+    assert again.returncode == 0, again.stderr
+    assert sorted(int(v.version) for v in client.search_model_versions("name='blobs'")) == [1, 2]
+    assert not (work / "mlflow.db").exists()
+
+
+@pytest.mark.slow
 def test_tracking_server_and_serving(tiny_config: Path, tmp_path: Path, mlflow_server: Server) -> None:
     work = tmp_path / "work"
     work.mkdir()
