@@ -199,6 +199,53 @@ def mirror_axes(
     return kept, f"not mirrored along axis {not_mirrored}: " + "; ".join(reasons)
 
 
+# A dataset with fewer training images than this leans on elastic deformation, as the U-Net paper's
+# 30 EM sections did; elastic deformation is drawn for every other sample there.
+FEW_IMAGES = 50
+
+
+@dataclass(frozen=True)
+class SpatialAugmentation:
+    rotate_range: float  # radians
+    rotate_in_plane: bool
+    elastic_prob: float
+
+
+def spatial_augmentation(
+    image_dims: int, network_dims: int, thick: Sequence[int], flip_axes: Sequence[int], images: int
+) -> tuple[SpatialAugmentation, str]:
+    """Rotation and elastic deformation that fit the data's geometry and size.
+
+    Thick slices (a 3D network with a thick axis, or a 2D network on 3D volumes) are rotated and
+    deformed only in their plane, up to 29 degrees. Native 2D images mirrored along both axes (no class
+    keeps a side of another) have no preferred orientation and are rotated by any angle; near-isotropic
+    volumes are rotated up to 15 degrees about every axis. Fewer than ``FEW_IMAGES`` 2D training images
+    are also deformed elastically half the time (the U-Net paper's remedy for few annotated images).
+    """
+    if thick or (network_dims == 2 and image_dims == 3):
+        return SpatialAugmentation(0.5, bool(thick), 0.2), (
+            "in-plane rotation (up to 29 degrees) and elastic deformation: the slices are thick, so only the "
+            "plane is rotated or deformed"
+        )
+    if network_dims == 2:
+        free = len(flip_axes) == 2
+        few = images < FEW_IMAGES
+        rotate = math.pi if free else 0.26
+        reasons = [
+            "rotation by any angle: no class keeps a side of another along either axis, so the images have no "
+            "preferred orientation"
+            if free
+            else "rotation up to 15 degrees: the classes keep their sides along an axis"
+        ]
+        if few:
+            reasons.append(
+                f"elastic deformation half the time: {images} training images are few (under {FEW_IMAGES}), and "
+                "deformed copies are what let a U-Net learn from few annotated images"
+            )
+        return SpatialAugmentation(rotate, False, 0.5 if few else 0.0), "; ".join(reasons)
+    return SpatialAugmentation(0.26, False, 0.0), "rotation up to 15 degrees about every axis (near-isotropic voxels)"
+
+
 def normalization_for(modalities: Sequence[str], nonzero_fraction: float) -> tuple[str, bool, str]:
     """``("ct", False, why)`` for CT (clip to the dataset's foreground 0.5/99.5 percentiles, z-score
     with its foreground mean and std); ``("zscore", nonzero, why)`` otherwise, per case, inside the

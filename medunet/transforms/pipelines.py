@@ -163,7 +163,9 @@ def augment_transform(pre: PreprocessConfig, aug: AugmentConfig) -> Compose:
                 rotate_range=rot,
                 scale_range=(aug.scale_range,) * dims,
                 mode=("bilinear", "nearest"),
-                padding_mode="zeros",
+                # 2D: reflected like the elastic deformation, so that a section rotated by a large angle
+                # gets no corners of an invented class
+                padding_mode="reflection" if dims == 2 else "zeros",
             )
         )
     if aug.elastic_prob > 0:

@@ -79,3 +79,23 @@ def test_epochs_fill_the_budget_after_fixed_costs() -> None:
     epochs, why = rules.epochs_for(1800, 60, 120)
     assert epochs == 28 and "28 epochs" in why
     assert rules.epochs_for(60, 600, 0)[0] == 1
+
+
+def test_spatial_augmentation_fits_the_geometry_and_the_dataset_size() -> None:
+    import math
+
+    # thick slices, by a 2D network or a 3D one with a thick axis: in-plane only, elastic
+    for image_dims, dims, thick in ((3, 2, []), (3, 3, [2])):
+        aug, why = rules.spatial_augmentation(image_dims, dims, thick, (0, 1), 500)
+        assert (aug.rotate_range, aug.elastic_prob) == (0.5, 0.2) and "in-plane" in why
+        assert aug.rotate_in_plane == bool(thick)
+    # native 2D sections mirrored along both axes: any angle; few of them: elastic half the time
+    aug, why = rules.spatial_augmentation(2, 2, [], (0, 1), 25)
+    assert aug.rotate_range == math.pi and aug.elastic_prob == 0.5
+    assert "any angle" in why and "25 training images are few" in why
+    # a side kept along one axis (a chest X-ray's heart): 15 degrees; many images: no elastic
+    aug, why = rules.spatial_augmentation(2, 2, [], (1,), 400)
+    assert aug.rotate_range == 0.26 and aug.elastic_prob == 0.0 and "elastic" not in why
+    # near-isotropic volumes: 15 degrees about every axis, no elastic deformation (however few)
+    aug, why = rules.spatial_augmentation(3, 3, [], (0, 1, 2), 20)
+    assert (aug.rotate_range, aug.rotate_in_plane, aug.elastic_prob) == (0.26, False, 0.0)
