@@ -30,6 +30,7 @@ from medunet.config import (
     Norm,
     Normalization,
     Optimizer,
+    Precision,
     PreprocessConfig,
     Scheduler,
     TrainConfig,
@@ -47,14 +48,19 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGET_MINUTES = 30.0
 # Samples (2D slices or 3D patches) a run must see for the patch to stay at the median image size;
 # a budget that affords fewer shrinks the patch (measured here: the hand-written hippocampus config
-# reaches its Dice after about 2,200 3D patches, a 2D cardiac U-Net needs over 15,000 slices).
-MIN_SAMPLES = {2: 16_000, 3: 2_000}
+# reaches its Dice after about 2,200 3D patches; a 2D cardiac U-Net was still improving after 33,000
+# slices, which the estimate, from a small network's FLOP rate, had put at 18,000).
+MIN_SAMPLES = {2: 24_000, 3: 2_000}
 # On CPUs a step costs the same per sample at any batch size, so batches stay small: twice the updates
 # for the same samples (a 2D cardiac U-Net at 0.87 validation Dice after 30 minutes at batch 16 had not
 # converged). Batch norm from 8 slices on.
 BATCH = {("cpu", 2): 8, ("cpu", 3): 2, ("cuda", 2): 12, ("cuda", 3): 2}
+# decoder levels above the output that the loss also scores (nnU-Net's deep supervision)
+DEEP_SUPERVISION_LEVELS = 2
 BASE_FEATURES = {"cpu": 16, "cuda": 32}
 MAX_FEATURES = {2: 256, 3: 256}
+# bf16 autocast is chosen on a CPU where a training step runs at least this much faster in it
+BF16_GAIN = 1.2
 VALIDATION_SHARE = 0.15  # validate often enough to pick the best epoch, but in at most this share of the time
 
 
@@ -154,11 +160,15 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
             out_channels=len(label_names),
             features=rules.features_for(len(strides), base, MAX_FEATURES[dims]),
             norm=Norm.BATCH if batch >= 8 else Norm.INSTANCE,
+            deep_supervision=True,
+            deep_supervision_levels=DEEP_SUPERVISION_LEVELS,
             strides=None if isotropic else tuple(strides),
             kernel_sizes=None if isotropic else tuple(kernels),
         )
 
-    rate = _throughput(kind, dims)  # FLOP/s of a training step on this machine (measured)
+    # FLOP/s of a training step on this machine (measured), at the precision that trains fastest here
+    precision, rate, reasons["train.precision"] = _precision_for(kind, dims)
+    bf16 = precision == Precision.BF16
 
     def step_seconds(patch: tuple[int, ...]) -> float:
         return 3.0 * describe_network(network_for(patch)).flops(patch) * batch / rate  # forward + backward
@@ -197,6 +207,11 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         f"kernel 1 along an axis not yet pooled while it is over {rules.POOL_SPACING_RATIO:g}x coarser; "
         f"kernels {[list(k) for k in kernels]}"
     )
+    reasons["network.deep_supervision"] = (
+        f"the loss also scores the {min(DEEP_SUPERVISION_LEVELS, len(strides) - 2)} decoder level(s) above the "
+        "output (upsampled, weights halving per level): the deep layers get a gradient of their own, which "
+        "speeds up training within a time budget"
+    )
     reasons["network.features"] = f"{base} channels at the top, doubling per level up to {MAX_FEATURES[dims]}"
 
     # mirroring, along the axes the network sees
@@ -204,28 +219,23 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     flip_axes, why = rules.mirror_axes([c.get("centroids", {}) for c in fp["cases"]], labels, axes)
     reasons["augment.flip_axes"] = why
     thick = rules.thick_axes(seen_spacing) if dims == 3 else []
-    anisotropic = bool(thick) or (use_2d and image_dims == 3)
+    spatial, why = rules.spatial_augmentation(image_dims, dims, thick, flip_axes, len(train_part))
     augment = AugmentConfig(
         crop_samples=1,
         pos_fraction=0.67,
         flip_prob=0.5 if flip_axes else 0.0,
         flip_axes=flip_axes,
         rotate_prob=0.3,
-        rotate_range=0.5 if anisotropic else 0.26,
-        rotate_in_plane=bool(thick),
+        rotate_range=spatial.rotate_range,
+        rotate_in_plane=spatial.rotate_in_plane,
         scale_range=0.15,
-        elastic_prob=0.2 if anisotropic else 0.0,
+        elastic_prob=spatial.elastic_prob,
         intensity_prob=0.3,
     )
-    reasons["augment.rotate_range"] = (
-        "in-plane rotation (up to 29 degrees) and elastic deformation: the slices are thick, so only the plane "
-        "is rotated or deformed"
-        if anisotropic
-        else "rotation up to 15 degrees about every axis (near-isotropic voxels)"
-    )
+    reasons["augment.rotate_range"] = why
 
     # epochs from the measured step time
-    measured = _measure_step(net, patch, batch) if kind == "cpu" else est
+    measured = _measure_step(net, patch, batch, bf16) if kind == "cpu" else est
     steps = max(1, per_epoch // batch)
     epoch_s = steps * measured
     val_s = 1.5 * describe_network(net).flops(patch) / math.prod(patch) * val_voxels / rate  # windows overlap a half
@@ -250,6 +260,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         warmup_epochs=1 if epochs >= 20 else 0,
         val_every=val_every,
         time_limit_minutes=budget_minutes,
+        precision=precision,
         schedule_by_time=True,
         seed=0,
     )
@@ -295,21 +306,48 @@ def _fits_gpu(patch: tuple[int, ...]) -> bool:
     return math.prod(patch) <= (160**3 if len(patch) == 3 else 512**2)
 
 
-def _throughput(kind: str, dims: int) -> float:
-    """FLOP/s of a U-Net training step here: timed on a small network, so that step times of other
-    patches follow from their FLOP counts."""
+def _precision_for(kind: str, dims: int) -> tuple[Precision, float, str]:
+    """The training precision and the FLOP/s of a training step at it: on CPUs, bf16 autocast where the
+    CPU computes bf16 natively and a step measured at least ``BF16_GAIN`` times as fast in it."""
+    import torch
+
     if kind != "cpu":
-        return 50e12
+        return Precision.AUTO, 50e12, "float16 autocast with loss scaling on CUDA"
+    fp32_rate = _throughput(dims, bf16=False)
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return Precision.FP32, fp32_rate, "float32: this CPU has no native bf16"
+    bf16_rate = _throughput(dims, bf16=True)
+    gain = bf16_rate / fp32_rate
+    if gain >= BF16_GAIN:
+        return (
+            Precision.BF16,
+            bf16_rate,
+            f"bf16 autocast: a training step measured {gain:.1f}x as fast as in float32 here",
+        )
+    return Precision.FP32, fp32_rate, f"float32: bf16 autocast measured {gain:.2f}x as fast here, too little to pay"
+
+
+def _throughput(dims: int, bf16: bool) -> float:
+    """FLOP/s of a U-Net training step on this CPU: timed on a small network, so that step times of
+    other patches follow from their FLOP counts."""
     net = NetworkConfig(spatial_dims=dims, in_channels=1, out_channels=2, features=(16, 32, 64, 128))
     patch = (128, 128) if dims == 2 else (48, 48, 48)
     batch = 8 if dims == 2 else 2
-    seconds = _measure_step(net, patch, batch)
+    seconds = _measure_step(net, patch, batch, bf16)
     return 3.0 * describe_network(net).flops(patch) * batch / seconds
 
 
-def _measure_step(net_cfg: NetworkConfig, patch: tuple[int, ...], batch: int, steps: int = 3, warmup: int = 2) -> float:
-    """Seconds per training step (forward, loss, backward, AdamW) of ``net_cfg`` on random data, the
-    median of ``steps`` after ``warmup`` steps (the first ones build oneDNN's kernels)."""
+def _measure_step(
+    net_cfg: NetworkConfig,
+    patch: tuple[int, ...],
+    batch: int,
+    bf16: bool = False,
+    steps: int = 3,
+    warmup: int = 2,
+) -> float:
+    """Seconds per training step (forward, loss, backward, AdamW) of ``net_cfg`` on random data, under
+    bf16 autocast with ``bf16``, the median of ``steps`` after ``warmup`` steps (the first ones build oneDNN's
+    kernels)."""
     import torch
 
     from medunet.networks import create_network
@@ -323,7 +361,10 @@ def _measure_step(net_cfg: NetworkConfig, patch: tuple[int, ...], batch: int, st
     times = []
     for i in range(steps + warmup):
         t = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(net(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = net(x)
+            heads = out.unbind(1) if out.dim() == x.dim() + 1 else (out,)  # deep supervision: every head
+            loss = sum((torch.nn.functional.cross_entropy(h, y) for h in heads), torch.zeros(()))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -80,6 +80,36 @@ def test_plan_writes_a_config_that_loads_with_its_manifest_and_fingerprint(data_
     depth = sum(int(nib.load(str(p)).shape[-1]) for p in sorted((root / "imagesTr").iterdir()))
     assert len(rows) - 1 == depth  # one row per slice
     assert {r.split(",")[3] for r in rows[1:]} == set(PATIENTS)
+    assert cfg.network.deep_supervision and "network.deep_supervision" in plan.reasons
+    assert "train.precision" in plan.reasons and "precision:" in text
+
+
+def test_bf16_only_where_the_cpu_has_it_and_a_step_measures_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from medunet.config import Precision
+    from medunet.planning import plan as plan_module
+
+    rates = {False: 1e10, True: 1.8e10}
+    monkeypatch.setattr(plan_module, "_throughput", lambda dims, bf16: rates[bf16])
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    precision, rate, why = plan_module._precision_for("cpu", 2)
+    assert (precision, rate) == (Precision.BF16, 1.8e10) and "1.8x as fast" in why
+    rates[True] = 1.1e10  # not worth it
+    precision, rate, why = plan_module._precision_for("cpu", 3)
+    assert (precision, rate) == (Precision.FP32, 1e10) and "too little" in why
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert plan_module._precision_for("cpu", 2)[0] == Precision.FP32
+    assert plan_module._precision_for("cuda", 3)[0] == Precision.AUTO
+
+
+def test_step_time_is_measured_with_deep_supervision_and_bf16() -> None:
+    from medunet.config import NetworkConfig
+    from medunet.planning import plan as plan_module
+
+    net = NetworkConfig(spatial_dims=2, out_channels=3, features=(8, 16, 32), deep_supervision=True)
+    for bf16 in (False, True):
+        assert plan_module._measure_step(net, (32, 32), 2, bf16, steps=1, warmup=0) > 0
 
 
 def _broken(data_dir: Path, root: Path) -> Path:
