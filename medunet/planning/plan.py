@@ -167,7 +167,8 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         )
 
     # FLOP/s of a training step on this machine (measured), at the precision that trains fastest here
-    precision, rate, reasons["train.precision"] = _precision_for(kind, dims)
+    speed = _precision_for(kind, dims)
+    precision, rate, reasons["train.precision"] = speed.precision, speed.train, speed.reason
     bf16 = precision == Precision.BF16
 
     def step_seconds(patch: tuple[int, ...]) -> float:
@@ -238,7 +239,8 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     measured = _measure_step(net, patch, batch, bf16) if kind == "cpu" else est
     steps = max(1, per_epoch // batch)
     epoch_s = steps * measured
-    val_s = 1.5 * describe_network(net).flops(patch) / math.prod(patch) * val_voxels / rate  # windows overlap a half
+    # validation runs in float32; windows overlap by a half
+    val_s = 1.5 * describe_network(net).flops(patch) / math.prod(patch) * val_voxels / speed.fp32
     val_every = max(1, math.ceil(val_s / (VALIDATION_SHARE * epoch_s)))
     overhead = 20.0 + 0.05 * len(dataset.cases)  # start-up and caching (a volume's slices load it once)
     epochs, why = rules.epochs_for(budget_s, epoch_s + val_s / val_every, overhead)
@@ -306,25 +308,31 @@ def _fits_gpu(patch: tuple[int, ...]) -> bool:
     return math.prod(patch) <= (160**3 if len(patch) == 3 else 512**2)
 
 
-def _precision_for(kind: str, dims: int) -> tuple[Precision, float, str]:
-    """The training precision and the FLOP/s of a training step at it: on CPUs, bf16 autocast where the
-    CPU computes bf16 natively and a step measured at least ``BF16_GAIN`` times as fast in it."""
+@dataclass(frozen=True)
+class StepSpeed:
+    precision: Precision  # what training runs in
+    train: float  # FLOP/s of a training step at ``precision``
+    fp32: float  # FLOP/s at float32, as validation runs
+    reason: str
+
+
+def _precision_for(kind: str, dims: int) -> StepSpeed:
+    """The training precision and the speed of a training step: on CPUs, bf16 autocast where the CPU
+    computes bf16 natively and a step measured at least ``BF16_GAIN`` times as fast in it."""
     import torch
 
     if kind != "cpu":
-        return Precision.AUTO, 50e12, "float16 autocast with loss scaling on CUDA"
-    fp32_rate = _throughput(dims, bf16=False)
+        return StepSpeed(Precision.AUTO, 50e12, 50e12, "float16 autocast with loss scaling on CUDA")
+    fp32 = _throughput(dims, bf16=False)
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return Precision.FP32, fp32_rate, "float32: this CPU has no native bf16"
-    bf16_rate = _throughput(dims, bf16=True)
-    gain = bf16_rate / fp32_rate
+        return StepSpeed(Precision.FP32, fp32, fp32, "float32: this CPU has no native bf16")
+    bf16 = _throughput(dims, bf16=True)
+    gain = bf16 / fp32
     if gain >= BF16_GAIN:
-        return (
-            Precision.BF16,
-            bf16_rate,
-            f"bf16 autocast: a training step measured {gain:.1f}x as fast as in float32 here",
-        )
-    return Precision.FP32, fp32_rate, f"float32: bf16 autocast measured {gain:.2f}x as fast here, too little to pay"
+        why = f"bf16 autocast: a training step measured {gain:.1f}x as fast as in float32 here"
+        return StepSpeed(Precision.BF16, bf16, fp32, why)
+    why = f"float32: bf16 autocast measured {gain:.2f}x as fast here, too little to pay"
+    return StepSpeed(Precision.FP32, fp32, fp32, why)
 
 
 def _throughput(dims: int, bf16: bool) -> float:

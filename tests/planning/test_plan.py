@@ -93,14 +93,15 @@ def test_bf16_only_where_the_cpu_has_it_and_a_step_measures_faster(monkeypatch: 
     rates = {False: 1e10, True: 1.8e10}
     monkeypatch.setattr(plan_module, "_throughput", lambda dims, bf16: rates[bf16])
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    precision, rate, why = plan_module._precision_for("cpu", 2)
-    assert (precision, rate) == (Precision.BF16, 1.8e10) and "1.8x as fast" in why
+    speed = plan_module._precision_for("cpu", 2)
+    assert (speed.precision, speed.train, speed.fp32) == (Precision.BF16, 1.8e10, 1e10)  # validation: float32
+    assert "1.8x as fast" in speed.reason
     rates[True] = 1.1e10  # not worth it
-    precision, rate, why = plan_module._precision_for("cpu", 3)
-    assert (precision, rate) == (Precision.FP32, 1e10) and "too little" in why
+    speed = plan_module._precision_for("cpu", 3)
+    assert (speed.precision, speed.train) == (Precision.FP32, 1e10) and "too little" in speed.reason
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert plan_module._precision_for("cpu", 2)[0] == Precision.FP32
-    assert plan_module._precision_for("cuda", 3)[0] == Precision.AUTO
+    assert plan_module._precision_for("cpu", 2).precision == Precision.FP32
+    assert plan_module._precision_for("cuda", 3).precision == Precision.AUTO
 
 
 def test_step_time_is_measured_with_deep_supervision_and_bf16() -> None:
