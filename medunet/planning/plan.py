@@ -324,7 +324,8 @@ def _precision_for(kind: str, dims: int) -> StepSpeed:
     if kind != "cpu":
         return StepSpeed(Precision.AUTO, 50e12, 50e12, "float16 autocast with loss scaling on CUDA")
     fp32 = _throughput(dims, bf16=False)
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # private: may go away
+    if not (torch.backends.mkldnn.is_available() and native()):
         return StepSpeed(Precision.FP32, fp32, fp32, "float32: this CPU has no native bf16")
     bf16 = _throughput(dims, bf16=True)
     gain = bf16 / fp32
