@@ -13,7 +13,9 @@ import io
 import json
 import logging
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -252,6 +254,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     reasons["train.val_every"] = (
         f"validation takes about {val_s:.0f} s; every {val_every} epoch(s) keeps it near {VALIDATION_SHARE:.0%}"
     )
+    workers, why_workers = rules.loader_workers(kind, _cores())
     train = TrainConfig(
         epochs=epochs,
         batch_size=batch,
@@ -265,7 +268,9 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         precision=precision,
         schedule_by_time=True,
         seed=0,
+        num_workers=workers,
     )
+    reasons["train.num_workers"] = why_workers
     reasons["train.time_limit_minutes"] = "stops before an epoch that would end past the budget"
     reasons["train.schedule_by_time"] = (
         "the learning rate decays by the clock over the budget, so the run ends annealed at the time limit "
@@ -303,6 +308,11 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     return Plan(config, reasons, notes)
 
 
+def _cores() -> int:
+    """The CPU cores this process may run on (a container's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _fits_gpu(patch: tuple[int, ...]) -> bool:
     """On CUDA the patch is bounded by memory: a 3D patch of at most 160³ voxels, a 2D one of 512²."""
     return math.prod(patch) <= (160**3 if len(patch) == 3 else 512**2)
@@ -323,11 +333,12 @@ def _precision_for(kind: str, dims: int) -> StepSpeed:
 
     if kind != "cpu":
         return StepSpeed(Precision.AUTO, 50e12, 50e12, "float16 autocast with loss scaling on CUDA")
-    fp32 = _throughput(dims, bf16=False)
     native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # private: may go away
     if not (torch.backends.mkldnn.is_available() and native()):
+        fp32 = _throughputs(dims, (False,))[False]
         return StepSpeed(Precision.FP32, fp32, fp32, "float32: this CPU has no native bf16")
-    bf16 = _throughput(dims, bf16=True)
+    rates = _throughputs(dims, (False, True))
+    fp32, bf16 = rates[False], rates[True]
     gain = bf16 / fp32
     if gain >= BF16_GAIN:
         why = f"bf16 autocast: a training step measured {gain:.1f}x as fast as in float32 here"
@@ -336,27 +347,39 @@ def _precision_for(kind: str, dims: int) -> StepSpeed:
     return StepSpeed(Precision.FP32, fp32, fp32, why)
 
 
-def _throughput(dims: int, bf16: bool) -> float:
-    """FLOP/s of a U-Net training step on this CPU: timed on a small network, so that step times of
-    other patches follow from their FLOP counts."""
+def _throughputs(dims: int, bf16: tuple[bool, ...]) -> dict[bool, float]:
+    """FLOP/s of a U-Net training step on this CPU, per precision (bf16 autocast or not): timed on a
+    small network, so that step times of other patches follow from their FLOP counts."""
     net = NetworkConfig(spatial_dims=dims, in_channels=1, out_channels=2, features=(16, 32, 64, 128))
     patch = (128, 128) if dims == 2 else (48, 48, 48)
     batch = 8 if dims == 2 else 2
-    seconds = _measure_step(net, patch, batch, bf16)
-    return 3.0 * describe_network(net).flops(patch) * batch / seconds
+    seconds = _fastest_steps([_step_timer(net, patch, batch, b) for b in bf16])
+    flops = 3.0 * describe_network(net).flops(patch) * batch
+    return {b: flops / s for b, s in zip(bf16, seconds, strict=True)}
 
 
-def _measure_step(
-    net_cfg: NetworkConfig,
-    patch: tuple[int, ...],
-    batch: int,
-    bf16: bool = False,
-    steps: int = 3,
-    warmup: int = 2,
-) -> float:
-    """Seconds per training step (forward, loss, backward, AdamW) of ``net_cfg`` on random data, under
-    bf16 autocast with ``bf16``, the median of ``steps`` after ``warmup`` steps (the first ones build oneDNN's
-    kernels)."""
+def _measure_step(net_cfg: NetworkConfig, patch: tuple[int, ...], batch: int, bf16: bool = False, **kw: int) -> float:
+    """Seconds per training step of ``net_cfg`` (see ``_step_timer`` and ``_fastest_steps``)."""
+    return _fastest_steps([_step_timer(net_cfg, patch, batch, bf16)], **kw)[0]
+
+
+def _fastest_steps(timers: list[Callable[[], float]], steps: int = 5, warmup: int = 2) -> list[float]:
+    """The fastest of ``steps`` timed steps of each timer, after ``warmup`` untimed ones (the first
+    steps build oneDNN's kernels). The timers take turns, so a load that comes and goes slows them
+    alike, and the fastest step is the machine's own speed (with the median, an inference running
+    alongside once turned a bf16 112x112 cardiac plan into a float32 64x64 one)."""
+    best = [math.inf] * len(timers)
+    for i in range(steps + warmup):
+        for k, timer in enumerate(timers):
+            seconds = timer()
+            if i >= warmup:
+                best[k] = min(best[k], seconds)
+    return best
+
+
+def _step_timer(net_cfg: NetworkConfig, patch: tuple[int, ...], batch: int, bf16: bool) -> Callable[[], float]:
+    """A function that runs one training step (forward, loss, backward, AdamW) of ``net_cfg`` on random
+    data, under bf16 autocast with ``bf16``, and returns its seconds."""
     import torch
 
     from medunet.networks import create_network
@@ -367,8 +390,8 @@ def _measure_step(
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     x = torch.randn(batch, net_cfg.in_channels, *patch).to(memory_format=fmt)
     y = torch.randint(0, net_cfg.out_channels, (batch, *patch))
-    times = []
-    for i in range(steps + warmup):
+
+    def step() -> float:
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = net(x)
@@ -377,9 +400,9 @@ def _measure_step(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        return time.perf_counter() - t
+
+    return step
 
 
 def manifest_text(dataset: Dataset, fp: dict[str, Any], spatial_dims: int) -> str:

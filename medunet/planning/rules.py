@@ -275,5 +275,20 @@ def epochs_for(budget_seconds: float, epoch_seconds: float, overhead_seconds: fl
     )
 
 
+def loader_workers(device_kind: str, cpus: int) -> tuple[int, str]:
+    """Data-loader processes that prepare the next batches (crop, augment) while a step computes.
+
+    On CUDA the step is fast and the CPU cores feed it: all but one, at most 8. On CPU the step itself
+    uses every core, yet one worker still hides the batch's preparation (on 2 cores it trained a 2D
+    cardiac plan 10% faster, 0.168 s per step against 0.186 s in the training process).
+    """
+    if device_kind == "cuda":
+        workers = max(0, min(cpus - 1, 8))
+        return workers, f"{workers} loader processes prepare the batches while the GPU computes ({cpus} CPU cores)"
+    if cpus < 2:
+        return 0, "batches are prepared in the training process (1 CPU core)"
+    return 1, "one loader process prepares the next batch while a step computes"
+
+
 def _mm(values: Sequence[float]) -> str:
     return "x".join(f"{v:.3g}" for v in values) + " mm"

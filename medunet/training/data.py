@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose
@@ -151,5 +152,9 @@ def build_loaders(cfg: ExperimentConfig, split: Split, world: World) -> Loaders:
         drop_last=len(sampler) > rank_batch,
         num_workers=tc.num_workers,
         persistent_workers=tc.num_workers > 0,
+        # the workers' base seed comes from a generator of the loader's own, not torch's global one:
+        # persistent workers draw it once, a loader without workers every epoch, and a run's random
+        # stream (dropout) must not depend on which
+        generator=torch.Generator().manual_seed(tc.seed),
     )
     return Loaders(loader, sampler, val_ds)

@@ -91,7 +91,7 @@ def test_bf16_only_where_the_cpu_has_it_and_a_step_measures_faster(monkeypatch: 
     from medunet.planning import plan as plan_module
 
     rates = {False: 1e10, True: 1.8e10}
-    monkeypatch.setattr(plan_module, "_throughput", lambda dims, bf16: rates[bf16])
+    monkeypatch.setattr(plan_module, "_throughputs", lambda dims, bf16: {b: rates[b] for b in bf16})
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     speed = plan_module._precision_for("cpu", 2)
     assert (speed.precision, speed.train, speed.fp32) == (Precision.BF16, 1.8e10, 1e10)  # validation: float32
@@ -111,6 +111,23 @@ def test_step_time_is_measured_with_deep_supervision_and_bf16() -> None:
     net = NetworkConfig(spatial_dims=2, out_channels=3, features=(8, 16, 32), deep_supervision=True)
     for bf16 in (False, True):
         assert plan_module._measure_step(net, (32, 32), 2, bf16, steps=1, warmup=0) > 0
+
+
+def test_step_timers_take_turns_and_the_fastest_step_counts() -> None:
+    from medunet.planning import plan as plan_module
+
+    calls: list[str] = []
+    loads = iter([9.0, 9.0, 5.0, 2.0, 1.0, 4.0, 3.0, 0.5])  # a load that comes and goes
+
+    def timer(name: str):  # type: ignore[no-untyped-def]
+        def step() -> float:
+            calls.append(name)
+            return next(loads)
+
+        return step
+
+    assert plan_module._fastest_steps([timer("a"), timer("b")], steps=3, warmup=1) == [1.0, 0.5]
+    assert calls == ["a", "b"] * 4
 
 
 def _broken(data_dir: Path, root: Path) -> Path:

@@ -99,3 +99,12 @@ def test_spatial_augmentation_fits_the_geometry_and_the_dataset_size() -> None:
     # near-isotropic volumes: 15 degrees about every axis, no elastic deformation (however few)
     aug, why = rules.spatial_augmentation(3, 3, [], (0, 1, 2), 20)
     assert (aug.rotate_range, aug.rotate_in_plane, aug.elastic_prob) == (0.26, False, 0.0)
+
+
+def test_loader_workers_feed_the_device_without_taking_the_cores_a_step_needs() -> None:
+    assert rules.loader_workers("cpu", 1)[0] == 0  # nothing to overlap with
+    assert rules.loader_workers("cpu", 2)[0] == rules.loader_workers("cpu", 64)[0] == 1
+    workers, why = rules.loader_workers("cuda", 16)
+    assert workers == 8 and "GPU" in why
+    assert rules.loader_workers("cuda", 4)[0] == 3
+    assert rules.loader_workers("cuda", 1)[0] == 0

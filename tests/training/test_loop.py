@@ -99,6 +99,16 @@ def test_seeded_runs_are_reproducible(tiny_config: Path, tmp_path: Path) -> None
     assert_same(load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt"))
 
 
+def test_a_loader_worker_draws_what_the_training_process_draws(tiny_config: Path, tmp_path: Path) -> None:
+    """Plans on CPU prepare batches in a loader process: the crops and augmentations, and so the trained
+    weights, are those of a run that prepares them itself."""
+    run(tiny_config, tmp_path / "inline", **{"train.epochs": 2, "train.num_workers": 0})
+    run(tiny_config, tmp_path / "worker", **{"train.epochs": 2, "train.num_workers": 1})
+    inline, worker = (load_checkpoint(tmp_path / r / "last.pt") for r in ("inline", "worker"))
+    inline["config"]["train"]["num_workers"] = 1
+    assert_same(inline, worker)
+
+
 def test_resume_is_bitwise_an_uninterrupted_run(tiny_config: Path, tmp_path: Path) -> None:
     """Killed after epoch 2 of 4 (validated every other epoch), then resumed: the same weights, optimizer,
     random state, history and best model as a run never stopped."""
