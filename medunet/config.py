@@ -150,6 +150,13 @@ class DataConfig:
     fold: int | None = None  # None: a single split with `val_fraction`
     split_seed: int = 0
     fingerprint: Path | None = None  # the dataset's fingerprint.json (medunet plan), kept in every checkpoint
+    # share of the cases kept in memory after the deterministic transforms (load, resample, normalize);
+    # the others are read and transformed again each time they are drawn
+    cache_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cache_rate <= 1.0:
+            raise ConfigError(f"data.cache_rate: {self.cache_rate} is not between 0 and 1")
 
 
 @dataclass(frozen=True)

@@ -294,9 +294,12 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         "decided after training on the validation volumes: kept where keeping each class's largest connected "
         "component raises their mean Dice"
     )
+    cache, reasons["data.cache_rate"] = rules.cache_rate(
+        _preprocessed_bytes(fp["cases"], target, len(modalities)), _memory_available()
+    )
     config = ExperimentConfig(
         name=name,
-        data=DataConfig(val_fraction=0.2, split_seed=0),
+        data=DataConfig(val_fraction=0.2, split_seed=0, cache_rate=cache),
         preprocess=pre,
         augment=augment,
         network=net,
@@ -306,6 +309,40 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     if dataset.grouping:
         notes.append(f"patients: {dataset.grouping}")
     return Plan(config, reasons, notes)
+
+
+def _preprocessed_bytes(cases: list[dict[str, Any]], target: tuple[float, ...] | None, channels: int) -> float:
+    """Bytes of every case in memory after resampling to ``target`` (0: an axis kept): float32 image
+    channels and a float32 label, as the transforms hold them."""
+    total = 0.0
+    for case in cases:
+        grid = target or case["spacing"]
+        shape = [n * s / t if t > 0 else n for n, s, t in zip(case["shape"], case["spacing"], grid, strict=True)]
+        total += math.prod(shape) * 4 * (channels + 1)
+    return total
+
+
+def _memory_available() -> float:
+    """Bytes of memory this process can still take: the kernel's MemAvailable, or less where a cgroup
+    (a container) limits the process."""
+    available = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            cap, used = Path(limit).read_text().strip(), Path(usage).read_text().strip()
+        except OSError:
+            continue
+        if cap.isdigit() and used.isdigit():
+            available = min(available, float(int(cap) - int(used)))
+    return available
 
 
 def _cores() -> int:
@@ -353,28 +390,29 @@ def _throughputs(dims: int, bf16: tuple[bool, ...]) -> dict[bool, float]:
     net = NetworkConfig(spatial_dims=dims, in_channels=1, out_channels=2, features=(16, 32, 64, 128))
     patch = (128, 128) if dims == 2 else (48, 48, 48)
     batch = 8 if dims == 2 else 2
-    seconds = _fastest_steps([_step_timer(net, patch, batch, b) for b in bf16])
+    seconds = _typical_steps([_step_timer(net, patch, batch, b) for b in bf16])
     flops = 3.0 * describe_network(net).flops(patch) * batch
     return {b: flops / s for b, s in zip(bf16, seconds, strict=True)}
 
 
 def _measure_step(net_cfg: NetworkConfig, patch: tuple[int, ...], batch: int, bf16: bool = False, **kw: int) -> float:
-    """Seconds per training step of ``net_cfg`` (see ``_step_timer`` and ``_fastest_steps``)."""
-    return _fastest_steps([_step_timer(net_cfg, patch, batch, bf16)], **kw)[0]
+    """Seconds per training step of ``net_cfg`` (see ``_step_timer`` and ``_typical_steps``)."""
+    return _typical_steps([_step_timer(net_cfg, patch, batch, bf16)], **kw)[0]
 
 
-def _fastest_steps(timers: list[Callable[[], float]], steps: int = 5, warmup: int = 2) -> list[float]:
-    """The fastest of ``steps`` timed steps of each timer, after ``warmup`` untimed ones (the first
+def _typical_steps(timers: list[Callable[[], float]], steps: int = 5, warmup: int = 2) -> list[float]:
+    """The median of ``steps`` timed steps of each timer, after ``warmup`` untimed ones (the first
     steps build oneDNN's kernels). The timers take turns, so a load that comes and goes slows them
-    alike, and the fastest step is the machine's own speed (with the median, an inference running
-    alongside once turned a bf16 112x112 cardiac plan into a float32 64x64 one)."""
-    best = [math.inf] * len(timers)
+    alike and cannot tip the choice between them (timed one after the other while an inference ran
+    alongside, bf16 once measured 0.79x as fast as float32 instead of 1.8x). The median, not the
+    fastest step: a fastest step planned a cardiac epoch at 32 s that took 45 s."""
+    times: list[list[float]] = [[] for _ in timers]
     for i in range(steps + warmup):
         for k, timer in enumerate(timers):
             seconds = timer()
             if i >= warmup:
-                best[k] = min(best[k], seconds)
-    return best
+                times[k].append(seconds)
+    return [float(np.median(t)) for t in times]
 
 
 def _step_timer(net_cfg: NetworkConfig, patch: tuple[int, ...], batch: int, bf16: bool) -> Callable[[], float]:

@@ -290,5 +290,25 @@ def loader_workers(device_kind: str, cpus: int) -> tuple[int, str]:
     return 1, "one loader process prepares the next batch while a step computes"
 
 
+# The training and validation cases may fill at most this share of the memory available when planning.
+CACHE_SHARE = 0.5
+
+
+def cache_rate(dataset_bytes: float, memory_bytes: float) -> tuple[float, str]:
+    """The share of cases kept in memory after loading, resampling and normalization: all of them when
+    they fit in ``CACHE_SHARE`` of the available memory, else as many as do (the others are read again
+    each time they are drawn, which is slower but does not run the machine out of memory)."""
+    budget = CACHE_SHARE * memory_bytes
+    gib = 1024**3
+    if dataset_bytes <= budget:
+        return 1.0, f"every case is kept in memory after preprocessing (about {dataset_bytes / gib:.1f} GiB)"
+    rate = math.floor(100 * budget / dataset_bytes) / 100
+    return rate, (
+        f"the preprocessed cases take about {dataset_bytes / gib:.1f} GiB, over {CACHE_SHARE:.0%} of the "
+        f"{memory_bytes / gib:.1f} GiB available: {rate:.0%} of them are kept in memory, the others are read "
+        "again each time they are drawn"
+    )
+
+
 def _mm(values: Sequence[float]) -> str:
     return "x".join(f"{v:.3g}" for v in values) + " mm"

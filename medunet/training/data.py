@@ -76,8 +76,8 @@ class SeededCacheDataset(JoinedCacheDataset):
     augmentation do not depend on which process or loader worker draws it, nor in what order.
     """
 
-    def __init__(self, data: list[dict[str, Any]], transform: Compose, seed: int) -> None:
-        super().__init__(data, transform, num_workers=None, progress=False, copy_cache=False)
+    def __init__(self, data: list[dict[str, Any]], transform: Compose, seed: int, cache_rate: float = 1.0) -> None:
+        super().__init__(data, transform, cache_rate=cache_rate, num_workers=None, progress=False, copy_cache=False)
         self.seed = seed
 
     def __getitem__(self, index: Any) -> Any:
@@ -138,10 +138,14 @@ def build_loaders(cfg: ExperimentConfig, split: Split, world: World) -> Loaders:
             ]
         ).flatten(),
         seed=tc.seed,
+        cache_rate=cfg.data.cache_rate,
     )
     val_share = [c.as_item() for c in split.val][world.rank :: world.size]
     val_ds = JoinedCacheDataset(
-        val_share, preprocess_transform(pre, pad_to_patch=False, volume_dims=volume_dims), progress=False
+        val_share,
+        preprocess_transform(pre, pad_to_patch=False, volume_dims=volume_dims),
+        cache_rate=cfg.data.cache_rate,
+        progress=False,
     )
     sampler = EpochSampler(train_ds, world, seed=tc.seed)
     rank_batch = tc.batch_size // world.size

@@ -113,7 +113,7 @@ def test_step_time_is_measured_with_deep_supervision_and_bf16() -> None:
         assert plan_module._measure_step(net, (32, 32), 2, bf16, steps=1, warmup=0) > 0
 
 
-def test_step_timers_take_turns_and_the_fastest_step_counts() -> None:
+def test_step_timers_take_turns_and_the_median_step_counts() -> None:
     from medunet.planning import plan as plan_module
 
     calls: list[str] = []
@@ -126,7 +126,7 @@ def test_step_timers_take_turns_and_the_fastest_step_counts() -> None:
 
         return step
 
-    assert plan_module._fastest_steps([timer("a"), timer("b")], steps=3, warmup=1) == [1.0, 0.5]
+    assert plan_module._typical_steps([timer("a"), timer("b")], steps=3, warmup=1) == [3.0, 2.0]
     assert calls == ["a", "b"] * 4
 
 

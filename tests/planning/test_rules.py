@@ -108,3 +108,12 @@ def test_loader_workers_feed_the_device_without_taking_the_cores_a_step_needs() 
     assert workers == 8 and "GPU" in why
     assert rules.loader_workers("cuda", 4)[0] == 3
     assert rules.loader_workers("cuda", 1)[0] == 0
+
+
+def test_cases_are_kept_in_memory_while_they_fit_half_of_it() -> None:
+    gib = 1024**3
+    rate, why = rules.cache_rate(3 * gib, 20 * gib)
+    assert rate == 1.0 and "every case" in why
+    rate, why = rules.cache_rate(40 * gib, 20 * gib)  # a CT dataset on a small machine: a quarter fits
+    assert rate == 0.25 and "25% of them" in why and "read again" in why
+    assert rules.cache_rate(30 * gib, 20 * gib)[0] == 0.33  # rounded down, never over the share

@@ -109,6 +109,16 @@ def test_a_loader_worker_draws_what_the_training_process_draws(tiny_config: Path
     assert_same(inline, worker)
 
 
+def test_cases_left_out_of_the_cache_train_the_same_weights(tiny_config: Path, tmp_path: Path) -> None:
+    """A dataset too large for memory is cached in part (``data.cache_rate``); the others are read and
+    transformed again when drawn, with the same seeded crops and augmentations."""
+    run(tiny_config, tmp_path / "all", **{"train.epochs": 2})
+    run(tiny_config, tmp_path / "part", **{"train.epochs": 2, "data.cache_rate": 0.5})
+    full, part = (load_checkpoint(tmp_path / r / "last.pt") for r in ("all", "part"))
+    full["config"]["data"]["cache_rate"] = 0.5
+    assert_same(full, part)
+
+
 def test_resume_is_bitwise_an_uninterrupted_run(tiny_config: Path, tmp_path: Path) -> None:
     """Killed after epoch 2 of 4 (validated every other epoch), then resumed: the same weights, optimizer,
     random state, history and best model as a run never stopped."""
