@@ -405,7 +405,7 @@ def _typical_steps(timers: list[Callable[[], float]], steps: int = 5, warmup: in
     steps build oneDNN's kernels). The timers take turns, so a load that comes and goes slows them
     alike and cannot tip the choice between them (timed one after the other while an inference ran
     alongside, bf16 once measured 0.79x as fast as float32 instead of 1.8x). The median, not the
-    fastest step: a fastest step planned a cardiac epoch at 32 s that took 45 s."""
+    fastest step, which a long run seldom sees."""
     times: list[list[float]] = [[] for _ in timers]
     for i in range(steps + warmup):
         for k, timer in enumerate(timers):
