@@ -107,12 +107,18 @@ def test_two_torchrun_processes_write_what_one_process_writes(scans: Path, tmp_p
 
 @pytest.mark.slow
 def test_a_killed_shard_rerun_with_resume_completes_the_statistics(scans: Path, tmp_path: Path) -> None:
+    # more scans than the other tests use, so that the shard killed after its first mask still has
+    # several to go (with two, the second was at times written before the kill landed)
+    extra = [f"{n}{k}" for k in range(2) for n in SCANS]
+    for name in extra:
+        shutil.copy(scans / f"hippocampus_{name[:3]}.nii.gz", scans / f"hippocampus_{name}.nii.gz")
+    names = sorted([*SCANS, *extra])
     out, stats = tmp_path / "masks", tmp_path / "stats.csv"
     base = [*MEDUNET, "infer", str(scans), "-o", str(out), "--stats", str(stats), "-q"]
     first = subprocess.run([*base, "--shard", "0/2"], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     assert "(1 of 2 shards so far)" in first.stdout
-    mine = {f"hippocampus_{n}.nii.gz" for n in SCANS[1::2]}  # shard 1/2: the 2nd and 4th scans
+    mine = {f"hippocampus_{n}.nii.gz" for n in names[1::2]}  # shard 1/2: every other scan from the 2nd
     proc = subprocess.Popen([*base, "--shard", "1/2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (mine & {p.name for p in out.glob("*.nii.gz")}) and time.monotonic() < deadline:
@@ -124,7 +130,7 @@ def test_a_killed_shard_rerun_with_resume_completes_the_statistics(scans: Path, 
     assert rerun.returncode == 0, rerun.stderr
     assert "(2 of 2 shards so far)" in rerun.stdout
     merged = rows(stats)
-    assert sorted({r["scan"] for r in merged}) == [f"hippocampus_{n}" for n in SCANS]
-    assert len(merged) == 2 * len(SCANS)  # two labels per scan, none lost, none repeated
+    assert sorted({r["scan"] for r in merged}) == [f"hippocampus_{n}" for n in names]
+    assert len(merged) == 2 * len(names)  # two labels per scan, none lost, none repeated
     again = subprocess.run([*base, "--shard", "0/2", "--resume"], capture_output=True, text=True)
     assert again.returncode == 0 and rows(stats) == merged
