@@ -55,6 +55,7 @@ class Dataset:
     grouping: str  # how patients were found, in words
     declared_labels: bool = True  # label values come from a dataset.json (else from the data)
     channels_in_file: bool = False  # MSD: one 4D file per case holds every channel
+    problems: tuple[str, ...] = ()  # found while reading the layout (stray files); the dataset check lists them
 
     @property
     def patients(self) -> int:
@@ -190,19 +191,30 @@ def _nnunet(root: Path) -> Dataset:
     labels = _declared_labels(meta, raw.get("labels"))
     images, labels_dir = root / "imagesTr", root / "labelsTr"
     by_case: dict[str, dict[int, Path]] = {}
+    problems = []
     for f in sorted(images.iterdir()):
         base = _strip(f.name, ending)
-        m = re.fullmatch(r"(.+)_(\d{4})", base) if base else None
+        if base is None:
+            continue  # not an image of this dataset's file ending (notes, hidden files)
+        m = re.fullmatch(r"(.+)_(\d{4})", base)
         if m is None:
-            continue
-        by_case.setdefault(m.group(1), {})[int(m.group(2))] = f
+            problems.append(f"{f}: not named <case>_<4-digit channel>{ending}")
+        elif int(m.group(2)) >= len(channels):
+            problems.append(f"{f}: channel {int(m.group(2))} is not in dataset.json's channel_names ({len(channels)})")
+        else:
+            by_case.setdefault(m.group(1), {})[int(m.group(2))] = f
+    if labels_dir.is_dir():
+        for f in sorted(labels_dir.iterdir()):
+            name = _strip(f.name, ending)
+            if name is not None and name not in by_case:
+                problems.append(f"{f}: label without an image (no {name}_0000{ending} in imagesTr)")
     cases = []
     for name, files in sorted(by_case.items()):
         label = labels_dir / f"{name}{ending}"
         # a missing channel is reported by the dataset check with the rest; keep the ones present
         paths = tuple(files.get(i, images / f"{name}_{i:04d}{ending}") for i in range(len(channels)))
         cases.append(Case(name, paths, label, name))
-    return Dataset(root, "nnU-Net v2 raw", tuple(cases), channels, labels, "")
+    return Dataset(root, "nnU-Net v2 raw", tuple(cases), channels, labels, "", problems=tuple(problems))
 
 
 def _msd(root: Path) -> Dataset:
@@ -231,7 +243,12 @@ def _folders(root: Path) -> Dataset:
             continue
         name = _case_name(f)
         cases.append(Case(name, (f,), label_files.get(name, labels / f.name), name))
-    return Dataset(root, "images/ + labels/ folders", tuple(cases), ("image",), {}, "", declared_labels=False)
+    names = {c.case_id for c in cases}
+    strays = [f for n, f in sorted(label_files.items()) if n not in names]
+    problems = tuple(f"{f}: label without an image in {images}" for f in strays)
+    return Dataset(
+        root, "images/ + labels/ folders", tuple(cases), ("image",), {}, "", declared_labels=False, problems=problems
+    )
 
 
 def _manifest(path: Path) -> Dataset:

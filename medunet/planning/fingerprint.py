@@ -188,9 +188,10 @@ def fingerprint_dataset(
     Cached under ``$MEDUNET_CACHE`` (default ``~/.cache/medunet``) by ``cache_key``, so a second
     plan of an unchanged dataset reads it instead of the images.
     """
+    layout_problems = list(dataset.problems)  # stray files: listed with the cases' problems; no cache hides them
     key = cache_key(dataset)
     cached = cache_dir() / f"{key}.json"
-    if use_cache and cached.is_file():
+    if use_cache and cached.is_file() and not layout_problems:
         try:
             fp = json.loads(cached.read_text())
             if fp.get("format") == FINGERPRINT_FORMAT and fp.get("key") == key:
@@ -201,9 +202,8 @@ def fingerprint_dataset(
     declared = tuple(dataset.labels.values()) if dataset.declared_labels else None
     jobs = [_Job(c, len(dataset.channels), dataset.channels_in_file, declared) for c in dataset.cases]
     results = _map(case_fingerprint, jobs, workers, progress, "fingerprint")
-    problems = [p for r in results for p in r["problems"]]
-    if not problems:
-        problems += _cross_case_problems(results)
+    problems = layout_problems + [p for r in results for p in r["problems"]]
+    problems += _cross_case_problems([r for r in results if "shape" in r])
     if problems:
         raise DatasetError(dataset.root, problems)
     fp = summarize(dataset, results, key)
@@ -219,7 +219,7 @@ def fingerprint_dataset(
 
 
 def _cross_case_problems(results: list[dict[str, Any]]) -> list[str]:
-    dims = {len(r["shape"]) for r in results}
+    dims = {len(r["shape"]) for r in results}  # the cases that could be read
     if len(dims) > 1:
         return [f"cases mix 2D and 3D images ({sorted(dims)})"]
     return []

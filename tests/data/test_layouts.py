@@ -113,3 +113,26 @@ def test_not_a_dataset_says_what_was_expected(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text("{}")
     with pytest.raises(InputError, match="neither nnU-Net"):
         read_dataset(tmp_path)
+
+
+def test_stray_files_are_problems_of_the_dataset(tmp_path: Path) -> None:
+    root = _nnunet(tmp_path / "nn", ["case_a", "case_b"])
+    (root / "imagesTr" / "case_a_0001.nii.gz").write_bytes(b"")  # a channel dataset.json does not declare
+    (root / "imagesTr" / "case_c.nii.gz").write_bytes(b"")  # no channel number
+    (root / "imagesTr" / "notes.txt").write_text("not an image of this dataset")
+    (root / "labelsTr" / "case_d.nii.gz").write_bytes(b"")  # no image
+    ds = read_dataset(root)
+    assert [c.case_id for c in ds.cases] == ["case_a", "case_b"]
+    assert len(ds.problems) == 3, ds.problems
+    assert "case_a_0001.nii.gz: channel 1 is not in dataset.json's channel_names (1)" in ds.problems[0]
+    assert "case_c.nii.gz: not named <case>_<4-digit channel>.nii.gz" in ds.problems[1]
+    assert "case_d.nii.gz: label without an image" in ds.problems[2]
+    folders = tmp_path / "folders"
+    (folders / "images").mkdir(parents=True)
+    (folders / "labels").mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (folders / "images" / name).write_bytes(b"")
+        (folders / "labels" / name).write_bytes(b"")
+    (folders / "labels" / "c.nii.gz").write_bytes(b"")
+    ds = read_dataset(folders)
+    assert len(ds.cases) == 2 and len(ds.problems) == 1 and "c.nii.gz: label without an image" in ds.problems[0]

@@ -153,6 +153,9 @@ def _broken(data_dir: Path, root: Path) -> Path:
     # a case without its label
     missing = sorted(labels.glob("patient002_frame*"))[-1]
     missing.unlink()
+    # a channel dataset.json does not declare, and a label without its image
+    (images / "patient003_frame01_0001.nii.gz").symlink_to(images / "patient003_frame01_0000.nii.gz")
+    (labels / "patient099_frame01.nii.gz").symlink_to(labels / "patient003_frame01.nii.gz")
     return root
 
 
@@ -163,8 +166,10 @@ def test_dataset_check_lists_every_problem_and_writes_nothing(data_dir: Path, tm
     with pytest.raises(DatasetError) as info:
         plan_dataset(PlanRequest(root, out, workers=2, progress=False))
     problems = info.value.problems
-    assert len(problems) == 4, problems
+    assert len(problems) == 6, problems
     text = "\n".join(problems)
+    assert "patient003_frame01_0001.nii.gz: channel 1 is not in dataset.json's channel_names" in text
+    assert "patient099_frame01.nii.gz: label without an image" in text
     assert "patient001_frame01_0000.nii.gz: cannot be read" in text
     assert "patient002_frame01.nii.gz: label shape" in text
     assert "label value(s) [7] not declared" in text
@@ -198,8 +203,8 @@ def test_plan_command_prints_the_reasons_and_refuses_a_broken_dataset(data_dir: 
     )
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
-    assert lines[0].startswith("medunet: error:") and "4 problem(s)" in lines[0]
-    assert len(lines) == 5 and "Traceback" not in res.stderr
+    assert lines[0].startswith("medunet: error:") and "6 problem(s)" in lines[0]
+    assert len(lines) == 7 and "Traceback" not in res.stderr
     assert not bad_out.parent.exists()
 
 
