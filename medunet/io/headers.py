@@ -43,10 +43,11 @@ def read_header(path: Path) -> Header:
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
         dims = reader.GetDimension()
-        direction = np.asarray(reader.GetDirection()).reshape(dims, dims)
+        space = min(dims, 3)  # a 4D file's last axis holds channels or time points: no world geometry
+        direction = np.asarray(reader.GetDirection()).reshape(dims, dims)[:space, :space]
         affine = np.eye(4)
-        affine[:dims, :dims] = direction * np.asarray(reader.GetSpacing())
-        affine[:dims, 3] = reader.GetOrigin()
+        affine[:space, :space] = direction * np.asarray(reader.GetSpacing())[:space]
+        affine[:space, 3] = reader.GetOrigin()[:space]
         return Header(tuple(int(s) for s in reader.GetSize()), LPS_TO_RAS @ affine)
     except InputError:
         raise
@@ -65,8 +66,11 @@ def check_same_grid(label: str | Path, image_grid: Header, label_grid: Header) -
         raise InputError(label, "label geometry (spacing/origin/direction) does not match its image")
 
 
-def check_pair(image: Path, label: Path) -> None:
-    """``check_same_grid`` from the files' headers alone."""
+def check_pair(image: Path, label: Path, channels_in_file: int = 1) -> None:
+    """``check_same_grid`` from the files' headers alone. ``channels_in_file > 1``: the image may hold
+    that many channels on a last axis of its own (the Decathlon's 4D images), which the label lacks."""
     a, b = read_header(image), read_header(label)
+    if channels_in_file > 1 and len(a.shape) == len(b.shape) + 1 and a.shape[-1] == channels_in_file:
+        a = Header(a.shape[:-1], a.affine)
     if a.shape and b.shape:  # DICOM folders are checked when loaded
         check_same_grid(label, a, b)

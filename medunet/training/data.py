@@ -38,8 +38,9 @@ def select_split(cfg: ExperimentConfig, cases: list[Case]) -> tuple[list[Case], 
     return split_by_patient(cases, d.val_fraction, d.split_seed)
 
 
-def check_headers(cases: list[Case]) -> None:
-    """Every file readable and every label on its image's grid, from headers, before any caching."""
+def check_headers(cases: list[Case], channels: int = 1) -> None:
+    """Every file readable and every label on its image's grid, from headers, before any caching.
+    ``channels``: how many the configuration reads; a single image file may hold them all (4D)."""
     seen: set[Path] = set()
     for case in cases:
         if case.images[0] in seen:  # slices of one volume
@@ -48,7 +49,7 @@ def check_headers(cases: list[Case]) -> None:
         for image in case.images:
             read_header(image)
         if case.label is not None:
-            check_pair(case.images[0], case.label)
+            check_pair(case.images[0], case.label, channels if len(case.images) == 1 else 1)
 
 
 class JoinedCacheDataset(CacheDataset):
@@ -100,7 +101,7 @@ def split_cases(cfg: ExperimentConfig, output: Path, world: World) -> Split:
     """Read and check the manifest, split it by patient, and (rank 0) write ``config.yaml`` and
     ``split.json`` (case ids only) into ``output``."""
     cases = read_manifest(cfg.data.manifest)
-    check_headers(cases)
+    check_headers(cases, len(cfg.preprocess.channels))
     train_cases, val_cases = select_split(cfg, cases)
     split = {"train": [c.case_id for c in train_cases], "val": [c.case_id for c in val_cases]}
     if world.is_main:

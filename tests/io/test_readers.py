@@ -119,6 +119,23 @@ def test_headers_match_loaded_geometry(data_dir: Path) -> None:
         check_pair(data_dir / "pyradiomics_cases/brain1_image.nrrd", data_dir / "pyradiomics_cases/brain2_label.nrrd")
 
 
+def test_header_check_of_a_4d_image_holding_channels(data_dir: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from medunet.io.headers import check_pair
+
+    src = data_dir / "msd_hippocampus"
+    nii = nib.load(str(src / "images/hippocampus_004.nii.gz"))
+    data = np.asarray(nii.dataobj, dtype=np.float32)
+    four = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), nii.affine), str(four))
+    check_pair(four, src / "labels/hippocampus_004.nii.gz", channels_in_file=2)
+    with pytest.raises(InputError, match="label shape"):  # read as one channel, the extra axis is a mismatch
+        check_pair(four, src / "labels/hippocampus_004.nii.gz")
+    with pytest.raises(InputError, match="label shape"):
+        check_pair(four, src / "labels/hippocampus_017.nii.gz", channels_in_file=2)
+
+
 @pytest.mark.parametrize(
     "relpath",
     [

@@ -208,20 +208,41 @@ def test_plan_command_prints_the_reasons_and_refuses_a_broken_dataset(data_dir: 
     assert not bad_out.parent.exists()
 
 
-@pytest.mark.slow
-def test_train_dataset_plans_trains_and_keeps_the_fingerprint(tmp_path: Path) -> None:
-    """`medunet train --dataset` on a folder pair of generated scans: the plan, a model that carries
-    the fingerprint, and a mask on the scan's grid from that model."""
-    from medunet.io import load_checkpoint
+def _generated_dataset(gen: Path, root: Path, layout: str) -> Path:
+    """Six generated cases as ``images/`` + ``labels/`` folders, or as a Decathlon dataset whose 4D
+    images hold two channels; returns the image of the first case."""
     from tests.conftest import make_blob_case
 
-    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    training = []
     for i in range(6):
-        img, lab = make_blob_case(tmp_path / "gen", f"case{i}", seed=i)
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        (root / "labels").mkdir(exist_ok=True)
-        img.rename(root / "images" / f"case{i}.nii.gz")
+        img, lab = make_blob_case(gen, f"case{i}", seed=i)
+        if layout == "msd":
+            nii = nib.load(str(img))
+            data = np.asarray(nii.dataobj, dtype=np.float32)
+            name = f"case{i}.nii.gz"
+            nib.save(nib.Nifti1Image(np.stack([data, -data], axis=-1), nii.affine), str(root / "images" / name))
+            training.append({"image": f"./images/{name}", "label": f"./labels/{name}"})
+        else:
+            img.rename(root / "images" / f"case{i}.nii.gz")
         lab.rename(root / "labels" / f"case{i}.nii.gz")
+    if layout == "msd":
+        meta = {"modality": {"0": "T1", "1": "T2"}, "labels": {"0": "background", "1": "a", "2": "b"},
+                "training": training}  # fmt: skip
+        (root / "dataset.json").write_text(json.dumps(meta))
+    return root / "images" / "case0.nii.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["folders", "msd"])
+def test_train_dataset_plans_trains_and_keeps_the_fingerprint(tmp_path: Path, layout: str) -> None:
+    """`medunet train --dataset` on generated scans (a folder pair, or the Decathlon layout with 4D
+    two-channel images): the plan, a model that carries the fingerprint, and a mask on the scan's grid."""
+    from medunet.io import load_checkpoint
+
+    root = tmp_path / "ds"
+    first = _generated_dataset(tmp_path / "gen", root, layout)
     env = {**os.environ, "MEDUNET_CACHE": str(tmp_path / "cache")}
     run = tmp_path / "run"
     res = subprocess.run(
@@ -233,12 +254,13 @@ def test_train_dataset_plans_trains_and_keeps_the_fingerprint(tmp_path: Path) ->
     assert (run / "plan.yaml").is_file() and "best mean Dice" in res.stdout
     payload = load_checkpoint(run / "best.pt")
     fp = json.loads(payload["fingerprint"])
-    assert len(fp["cases"]) == 6 and fp["labels"] == {"background": 0, "label1": 1, "label2": 2}
+    labels = {"background": 0, "a": 1, "b": 2} if layout == "msd" else {"background": 0, "label1": 1, "label2": 2}
+    assert len(fp["cases"]) == 6 and fp["labels"] == labels
+    assert len(fp["channels"]) == (2 if layout == "msd" else 1)
     mask = tmp_path / "mask.nii.gz"
     res = subprocess.run(
-        ["medunet", "infer", str(root / "images" / "case0.nii.gz"), "-o", str(mask), "--model",
-         str(run / "best.pt"), "-q"],
+        ["medunet", "infer", str(first), "-o", str(mask), "--model", str(run / "best.pt"), "-q"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert nib.load(str(mask)).shape == nib.load(str(root / "images" / "case0.nii.gz")).shape
+    assert nib.load(str(mask)).shape == nib.load(str(first)).shape[:3]
