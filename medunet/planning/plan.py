@@ -162,7 +162,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
             out_channels=len(label_names),
             features=rules.features_for(len(strides), base, MAX_FEATURES[dims]),
             norm=Norm.BATCH if batch >= 8 else Norm.INSTANCE,
-            deep_supervision=True,
+            deep_supervision=len(strides) > 2,  # a decoder level above the output to score
             deep_supervision_levels=DEEP_SUPERVISION_LEVELS,
             strides=None if isotropic else tuple(strides),
             kernel_sizes=None if isotropic else tuple(kernels),
@@ -214,6 +214,8 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         f"the loss also scores the {min(DEEP_SUPERVISION_LEVELS, len(strides) - 2)} decoder level(s) above the "
         "output (upsampled, weights halving per level): the deep layers get a gradient of their own, which "
         "speeds up training within a time budget"
+        if net.deep_supervision
+        else f"off: a network of {len(strides)} levels has no decoder level above the output to score"
     )
     reasons["network.features"] = f"{base} channels at the top, doubling per level up to {MAX_FEATURES[dims]}"
 
