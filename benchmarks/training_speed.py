@@ -207,16 +207,12 @@ def measure_choices(threads: int, steps: int = 10) -> dict[str, float]:
         steady = float(np.mean(times[2:])) * 1000
         results[name] = steady
         print(f"{name:34s} first step {times[0]:6.2f} s, then {steady:7.0f} ms/step", flush=True)
-    from monai.transforms import Compose
-
     from medunet.training.loop import SeededCacheDataset
-    from medunet.transforms import augment_transform, preprocess_transform
+    from medunet.transforms import training_transform
 
     _, train_cases, _ = split_cases()
-    tf = Compose(
-        [preprocess_transform(cfg.preprocess, pad_to_patch=True), augment_transform(cfg.preprocess, cfg.augment)]
-    )
-    ds = SeededCacheDataset([c.as_item() for c in train_cases[:40]], tf.flatten(), seed=0)
+    tf = training_transform(cfg.preprocess, cfg.augment)
+    ds = SeededCacheDataset([c.as_item() for c in train_cases[:40]], tf, seed=0)
     t = time.perf_counter()
     for i in range(len(ds)):
         ds[i]

@@ -26,7 +26,7 @@ from medunet.data import Case, kfold_by_patient, read_manifest, split_by_patient
 from medunet.io.headers import check_pair, read_header
 from medunet.io.writers import write_text
 from medunet.training.distributed import EpochSampler, World
-from medunet.transforms import augment_transform, preprocess_transform
+from medunet.transforms import preprocess_transform, training_transform
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +131,7 @@ def build_loaders(cfg: ExperimentConfig, split: Split, world: World) -> Loaders:
     volume_dims = 3 if split.slices else pre.spatial_dims
     train_ds = SeededCacheDataset(
         [c.as_item() for c in split.train],
-        # flattened so the dataset caches every deterministic step (a nested Compose counts as random)
-        Compose(
-            [
-                preprocess_transform(pre, pad_to_patch=True, volume_dims=volume_dims),
-                augment_transform(pre, cfg.augment),
-            ]
-        ).flatten(),
+        training_transform(pre, cfg.augment, volume_dims),
         seed=tc.seed,
         cache_rate=cfg.data.cache_rate,
     )

@@ -1,7 +1,12 @@
 """MONAI pipelines for training, evaluation and inference."""
 
 from medunet.transforms.loading import LoadCased, TakeSliced, check_same_geometry, take_slice
-from medunet.transforms.pipelines import augment_transform, inference_transform, preprocess_transform
+from medunet.transforms.pipelines import (
+    augment_transform,
+    inference_transform,
+    preprocess_transform,
+    training_transform,
+)
 
 __all__ = [
     "LoadCased",
@@ -11,4 +16,5 @@ __all__ = [
     "inference_transform",
     "preprocess_transform",
     "take_slice",
+    "training_transform",
 ]
