@@ -59,9 +59,7 @@ MIN_SAMPLES = {2: 40_000, 3: 2_000}
 BATCH = {("cpu", 2): 8, ("cpu", 3): 2, ("cuda", 2): 12, ("cuda", 3): 2}
 # decoder levels above the output that the loss also scores (nnU-Net's deep supervision)
 DEEP_SUPERVISION_LEVELS = 2
-# channels at the top level, widest first: a CPU budget too short for the widest network at half the
-# median image's context gets a narrower one (``rules.size_network``)
-WIDTHS = {"cpu": (16, 12, 8), "cuda": (32,)}
+BASE_FEATURES = {"cpu": 16, "cuda": 32}
 MAX_FEATURES = {2: 256, 3: 256}
 # bf16 autocast is chosen on a CPU where a training step runs at least this much faster in it
 BF16_GAIN = 1.2
@@ -143,6 +141,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         ct_stats = (ch["foreground_mean"], ch["foreground_std"])
 
     batch = BATCH[(kind, dims)]
+    base = BASE_FEATURES[kind]
     budget_s = budget_minutes * 60
     # the split training will draw (same rule, same seed), and what an epoch and a validation hold
     train_part, val_part = split_by_patient(list(dataset.cases), DataConfig.val_fraction, DataConfig.split_seed)
@@ -151,7 +150,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     per_epoch = sum(case_shapes[c.case_id][-1] if slices else 1 for c in train_part)
     val_voxels = sum(math.prod(case_shapes[c.case_id]) for c in val_part)
 
-    def network_for(patch: tuple[int, ...], base: int) -> NetworkConfig:
+    def network_for(patch: tuple[int, ...]) -> NetworkConfig:
         strides, kernels = rules.strides_and_kernels(seen_spacing, patch)
         isotropic = all(s == (1,) * dims or s == (2,) * dims for s in strides) and all(
             k == (3,) * dims for k in kernels
@@ -174,31 +173,20 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     precision, rate, reasons["train.precision"] = speed.precision, speed.train, speed.reason
     bf16 = precision == Precision.BF16
 
+    def step_seconds(patch: tuple[int, ...]) -> float:
+        return 3.0 * describe_network(network_for(patch)).flops(patch) * batch / rate  # forward + backward
+
+    def fits(patch: tuple[int, ...]) -> bool:
+        samples = 0.8 * budget_s / step_seconds(patch) * batch
+        return samples >= MIN_SAMPLES[dims]
+
     # patch sides move in steps of the network's stride, at most 16 (2D) or 8 (3D) voxels, so that a
     # deep network on a large image does not shrink its patch in leaps
     largest = rules.patch_multiple(rules.strides_and_kernels(seen_spacing, [round(s) for s in seen_shape])[0])
     multiple = tuple(min(m, 16 if dims == 2 else 8) for m in largest)
-    context = tuple(m * math.ceil(rules.CONTEXT_SHARE * s / m) for s, m in zip(seen_shape, multiple, strict=True))
-    # a narrow network computes fewer FLOP/s than the wide one the rate was timed on: each width's step is
-    # timed once, at half the median image, and its FLOP-count estimates scaled by what that measured
-    scale: dict[int, float] = {}
-
-    def step_seconds(patch: tuple[int, ...], base: int) -> float:
-        flops = 3.0 * describe_network(network_for(patch, base)).flops(patch) * batch  # forward + backward
-        if kind == "cpu" and base not in scale:
-            ref = 3.0 * describe_network(network_for(context, base)).flops(context) * batch / rate
-            scale[base] = _measure_step(network_for(context, base), context, batch, bf16) / ref
-        return flops / rate * scale.get(base, 1.0)
-
-    def fits(base: int, patch: tuple[int, ...]) -> bool:
-        if kind != "cpu":
-            return _fits_gpu(patch)
-        return 0.8 * budget_s / step_seconds(patch, base) * batch >= MIN_SAMPLES[dims]
-
-    sizing = rules.size_network(seen_shape, seen_spacing, fits, multiple, WIDTHS[kind])
-    patch, shrunk, base = sizing.patch, sizing.shrunk, sizing.base
-    net = network_for(patch, base)
-    est = step_seconds(patch, base)
+    patch, shrunk = rules.shrink_patch(seen_shape, seen_spacing, fits if kind == "cpu" else _fits_gpu, multiple)
+    net = network_for(patch)
+    est = step_seconds(patch)
     samples = 0.8 * budget_s / est * batch
     reasons["preprocess.patch_size"] = f"the median image is {_x(seen_shape)} voxels" + (
         f"; shortened {shrunk} time(s) by the network's stride ({_x(multiple)}), longest side in mm first, until a "
@@ -229,13 +217,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         if net.deep_supervision
         else f"off: a network of {len(strides)} levels has no decoder level above the output to score"
     )
-    reasons["network.features"] = f"{base} channels at the top, doubling per level up to {MAX_FEATURES[dims]}" + (
-        f"; narrower than {WIDTHS[kind][0]}, as the budget affords {MIN_SAMPLES[dims]:,} samples of a wider network "
-        f"only on patches under {rules.CONTEXT_SHARE:.0%} of the median image ({_x(context)}), and the context "
-        "counts for more than the width"
-        if sizing.narrowed
-        else ""
-    )
+    reasons["network.features"] = f"{base} channels at the top, doubling per level up to {MAX_FEATURES[dims]}"
 
     # mirroring, along the axes the network sees
     axes = list(range(dims))

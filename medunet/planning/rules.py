@@ -20,8 +20,6 @@ MIN_POOLED_SIZE = 8
 MAX_LEVELS = 6
 # A thick axis with fewer slices than this in the median case is better served by a 2D network.
 MAX_SLICES_FOR_2D = 20
-# A patch keeps at least this share of the median image along every side before the network narrows.
-CONTEXT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -139,18 +137,14 @@ def shrink_patch(
     fits: Callable[[tuple[int, ...]], bool],
     multiple: Sequence[int],
     smallest: int = 16,
-    floor: Sequence[int] | None = None,
 ) -> tuple[tuple[int, ...], int]:
     """The largest patch, starting from the median image ``shape`` (each side rounded up to its
     ``multiple``, the network's stride along it), that ``fits``; the side that is longest in
     millimetres is shortened first, by its multiple, so the patch tends towards a physical cube.
-    No side is shortened below ``smallest`` (or its multiple), nor below ``floor`` where given.
-    Returns the patch and the number of shortenings (the last patch tried when none fits)."""
+    No side is shortened below ``smallest`` (or its multiple). Returns the patch and the number of
+    shortenings."""
     patch = [m * math.ceil(s / m) for s, m in zip(shape, multiple, strict=True)]
-    lowest = [max(m, min(smallest, p)) for m, p in zip(multiple, patch, strict=True)]
-    if floor is not None:
-        lowest = [max(low, f) for low, f in zip(lowest, floor, strict=True)]
-    floor = lowest
+    floor = [max(m, min(smallest, p)) for m, p in zip(multiple, patch, strict=True)]
     steps = 0
     while not fits(tuple(patch)):
         candidates = [i for i in range(len(patch)) if patch[i] - multiple[i] >= floor[i]]
@@ -160,42 +154,6 @@ def shrink_patch(
         patch[axis] -= multiple[axis]
         steps += 1
     return tuple(patch), steps
-
-
-@dataclass(frozen=True)
-class Sizing:
-    base: int  # channels at the network's top level
-    patch: tuple[int, ...]
-    shrunk: int  # times the patch was shortened from the median image
-    narrowed: bool  # a narrower network than the first choice, to keep the context
-
-
-def size_network(
-    shape: Sequence[float],
-    spacing: Sequence[float],
-    fits: Callable[[int, tuple[int, ...]], bool],
-    multiple: Sequence[int],
-    widths: Sequence[int],
-    context: float = CONTEXT_SHARE,
-) -> Sizing:
-    """The widest network (``widths``, widest first) and the largest patch that ``fits(base, patch)``
-    while every side keeps at least ``context`` of the median image; a budget that affords no width
-    that much context gets the narrowest, with the patch shortened further (``shrink_patch``).
-
-    Width is given up before context: on 2 CPU cores without bf16, a 30-minute 2D cardiac U-Net of
-    16 channels on patches of 80x80 (29 epochs) reached 0.836 validation Dice and one on 128x128 (17
-    epochs) 0.847, where one of 16 channels on 128x128 at 38 epochs (a faster CPU) reached 0.885: the
-    structures need the context, and the network needs the epochs.
-    """
-    full = [m * math.ceil(s / m) for s, m in zip(shape, multiple, strict=True)]
-    floor = [min(f, m * math.ceil(context * s / m)) for s, m, f in zip(shape, multiple, full, strict=True)]
-    for i, base in enumerate(widths):
-        patch, shrunk = shrink_patch(shape, spacing, lambda p, b=base: fits(b, p), multiple, floor=floor)
-        if fits(base, patch):
-            return Sizing(base, patch, shrunk, narrowed=i > 0)
-    base = widths[-1]
-    patch, shrunk = shrink_patch(shape, spacing, lambda p: fits(base, p), multiple)
-    return Sizing(base, patch, shrunk, narrowed=len(widths) > 1)
 
 
 def mirror_axes(
