@@ -147,11 +147,13 @@ class WithoutMeta(Compose):
     ``CacheDataset`` counts it as random and caches what comes before it.
     """
 
-    def __call__(self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False, **kw: Any) -> Any:
+    def __call__(  # type: ignore[override]  # MONAI's Compose already differs from Transform here
+        self, input_: Any, start: Any = 0, end: Any = None, threading: Any = False, lazy: bool | None = None
+    ) -> Any:
         tracking = get_track_meta()
         set_track_meta(False)
         try:
-            return super().__call__(input_, start=start, end=end, threading=threading, **kw)
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
         finally:
             set_track_meta(tracking)
 
