@@ -8,11 +8,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import get_track_meta
+from monai.transforms import Compose
 
 from medunet.config import AugmentConfig, Normalization, PreprocessConfig
 from medunet.data import read_manifest
 from medunet.errors import InputError
-from medunet.transforms import LoadCased, augment_transform, inference_transform, preprocess_transform
+from medunet.transforms import (
+    LoadCased,
+    augment_transform,
+    inference_transform,
+    preprocess_transform,
+    training_transform,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,6 +36,26 @@ def test_hippocampus_3d_train_pipeline(data_dir: Path) -> None:
     assert len(crops) == 2
     assert crops[0]["image"].shape == (1, 40, 56, 40) and crops[0]["label"].shape == (1, 40, 56, 40)
     assert set(torch.unique(crops[0]["label"]).tolist()) <= {0, 1, 2}
+
+
+def test_training_draws_are_those_of_the_metadata_tracked_steps_as_plain_tensors(data_dir: Path) -> None:
+    case = read_manifest(REPO / "data_manifests" / "msd_hippocampus_3d.csv")[0]
+    pre = PreprocessConfig(label_names=("bg", "a", "p"), patch_size=(40, 56, 40))
+    aug = AugmentConfig(rotate_prob=1.0, elastic_prob=1.0, flip_prob=0.5, flip_axes=(0, 1), intensity_prob=1.0)
+    tf = training_transform(pre, aug)
+    *cached, random_steps = tf.transforms
+    tracked = Compose([*cached, *random_steps.transforms])
+    item = Compose(cached)(case.as_item())
+    for seed in range(3):
+        (fast,) = random_steps.set_random_state(seed=seed)(dict(item))  # one crop
+        (slow,) = Compose(tracked.transforms[len(cached) :]).set_random_state(seed=seed)(dict(item))
+        for key in ("image", "label"):
+            assert type(fast[key]) is torch.Tensor
+            torch.testing.assert_close(fast[key], torch.as_tensor(slow[key]))
+    assert get_track_meta()  # switched back on
+    with pytest.raises(RuntimeError, match="RandCropByPosNegLabeld"):  # no label to crop by
+        random_steps({"image": item["image"]})
+    assert get_track_meta()  # also after an error
 
 
 def test_slice_view_matches_volume(data_dir: Path) -> None:
