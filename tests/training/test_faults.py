@@ -43,7 +43,7 @@ def test_sigkill_at_random_moments_then_resume(tiny_config: Path, tmp_path: Path
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             # anywhere from start-up to the last epochs: before any checkpoint, mid-epoch, mid-write
-            latest = first_checkpoint + 0.8 * (duration - first_checkpoint)
+            latest = first_checkpoint + 0.5 * (duration - first_checkpoint)  # a later run starts warm and is faster
             proc.wait(timeout=rng.uniform(0.5 * first_checkpoint, latest))
             assert proc.returncode == 0
             break  # finished before its kill
