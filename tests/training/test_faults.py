@@ -42,7 +42,7 @@ def test_sigkill_at_random_moments_then_resume(tiny_config: Path, tmp_path: Path
     for _ in range(4):  # kill four times at random moments (each run restarts from the last checkpoint)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            # anywhere from start-up to the last epochs: before any checkpoint, mid-epoch, mid-write
+            # anywhere from start-up to mid-run: before any checkpoint, mid-epoch, mid-write
             latest = first_checkpoint + 0.5 * (duration - first_checkpoint)  # a later run starts warm and is faster
             proc.wait(timeout=rng.uniform(0.5 * first_checkpoint, latest))
             assert proc.returncode == 0
