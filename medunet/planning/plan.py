@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -168,13 +168,41 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
             kernel_sizes=None if isotropic else tuple(kernels),
         )
 
-    # FLOP/s of a training step on this machine (measured), at the precision that trains fastest here
-    speed = _precision_for(kind, dims)
+    # FLOP/s of a training step on this machine (measured with the plan's norm and loss), at the precision
+    # that trains fastest here
+    speed = _precision_for(kind, dims, Norm.BATCH if batch >= 8 else Norm.INSTANCE)
     precision, rate, reasons["train.precision"] = speed.precision, speed.train, speed.reason
     bf16 = precision == Precision.BF16
 
+    # mirroring, along the axes the network sees; rotation and deformation that fit the geometry
+    axes = list(range(dims))
+    flip_axes, why = rules.mirror_axes([c.get("centroids", {}) for c in fp["cases"]], labels, axes)
+    reasons["augment.flip_axes"] = why
+    thick = rules.thick_axes(seen_spacing) if dims == 3 else []
+    spatial, why = rules.spatial_augmentation(image_dims, dims, thick, flip_axes, len(train_part))
+    augment = AugmentConfig(
+        crop_samples=1,
+        pos_fraction=0.67,
+        flip_prob=0.5 if flip_axes else 0.0,
+        flip_axes=flip_axes,
+        rotate_prob=0.3,
+        rotate_range=spatial.rotate_range,
+        rotate_in_plane=spatial.rotate_in_plane,
+        scale_range=0.15,
+        elastic_prob=spatial.elastic_prob,
+        intensity_prob=0.3,
+    )
+    reasons["augment.rotate_range"] = why
+    workers, why_workers = rules.loader_workers(kind, _cores())
+    # on CPU the crop and augmentation of a batch add to a step: training computes on every core, so a
+    # loader process takes its time from the step's cores (2 cores, cardiac plan: 0.217 s per step with a
+    # loader process, 0.202 s without, 0.041 s of it augmentation); on CUDA the loaders hide it
+    augment_counted = kind == "cpu"
+    augment_s = _augment_seconds(augment, dims, seen_shape, len(values)) if augment_counted else (lambda patch: 0.0)
+
     def step_seconds(patch: tuple[int, ...]) -> float:
-        return 3.0 * describe_network(network_for(patch)).flops(patch) * batch / rate  # forward + backward
+        flops = 3.0 * describe_network(network_for(patch)).flops(patch) * batch  # forward + backward
+        return flops / rate + batch * augment_s(patch)
 
     def fits(patch: tuple[int, ...]) -> bool:
         samples = 0.8 * budget_s / step_seconds(patch) * batch
@@ -188,12 +216,14 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     net = network_for(patch)
     est = step_seconds(patch)
     samples = 0.8 * budget_s / est * batch
+    included = ", augmentation included" if augment_counted else ""
     reasons["preprocess.patch_size"] = f"the median image is {_x(seen_shape)} voxels" + (
         f"; shortened {shrunk} time(s) by the network's stride ({_x(multiple)}), longest side in mm first, until a "
         f"{budget_minutes:g}-minute budget affords {MIN_SAMPLES[dims]:,} samples on this machine "
-        f"(about {samples:,.0f} at an estimated {est:.2f} s per step of {batch})"
+        f"(about {samples:,.0f} at an estimated {est:.2f} s per step of {batch}{included})"
         if shrunk
-        else f", which a {budget_minutes:g}-minute budget affords (about {samples:,.0f} samples)"
+        else f", which a {budget_minutes:g}-minute budget affords (about {samples:,.0f} samples at an estimated "
+        f"{est:.2f} s per step of {batch}{included})"
     )
     reasons["train.batch_size"] = f"{batch} {'slices' if dims == 2 else 'patches'} per step on {kind.upper()}" + (
         "; batch norm, as a batch this large gives it stable statistics and makes a voxel's output "
@@ -219,28 +249,8 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     )
     reasons["network.features"] = f"{base} channels at the top, doubling per level up to {MAX_FEATURES[dims]}"
 
-    # mirroring, along the axes the network sees
-    axes = list(range(dims))
-    flip_axes, why = rules.mirror_axes([c.get("centroids", {}) for c in fp["cases"]], labels, axes)
-    reasons["augment.flip_axes"] = why
-    thick = rules.thick_axes(seen_spacing) if dims == 3 else []
-    spatial, why = rules.spatial_augmentation(image_dims, dims, thick, flip_axes, len(train_part))
-    augment = AugmentConfig(
-        crop_samples=1,
-        pos_fraction=0.67,
-        flip_prob=0.5 if flip_axes else 0.0,
-        flip_axes=flip_axes,
-        rotate_prob=0.3,
-        rotate_range=spatial.rotate_range,
-        rotate_in_plane=spatial.rotate_in_plane,
-        scale_range=0.15,
-        elastic_prob=spatial.elastic_prob,
-        intensity_prob=0.3,
-    )
-    reasons["augment.rotate_range"] = why
-
-    # epochs from the measured step time
-    measured = _measure_step(net, patch, batch, bf16) if kind == "cpu" else est
+    # epochs from the measured step time (and the batch's augmentation where it adds to a step)
+    measured = _measure_step(net, patch, batch, bf16) + batch * augment_s(patch) if kind == "cpu" else est
     steps = max(1, per_epoch // batch)
     epoch_s = steps * measured
     # validation runs in float32; windows overlap by a half
@@ -256,7 +266,6 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     reasons["train.val_every"] = (
         f"validation takes about {val_s:.0f} s; every {val_every} epoch(s) keeps it near {VALIDATION_SHARE:.0%}"
     )
-    workers, why_workers = rules.loader_workers(kind, _cores())
     train = TrainConfig(
         epochs=epochs,
         batch_size=batch,
@@ -352,6 +361,47 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _augment_seconds(
+    aug: AugmentConfig, dims: int, image_shape: Sequence[float], classes: int, draws: int = 24
+) -> Callable[[tuple[int, ...]], float]:
+    """Seconds to crop and augment one training sample with ``aug``, as a function of the patch: timed
+    on this machine at two patch sizes on a synthetic image of the median ``image_shape`` (a box of each
+    foreground class in its middle, so that foreground-weighted crops find some), then linear in the
+    patch's voxels (the crop's cost is per image, the augmentation's per patch voxel)."""
+    import torch
+
+    from medunet.transforms.pipelines import augment_transform
+
+    shape = [max(8, round(s)) for s in image_shape]
+    image = torch.randn(1, *shape)
+    label = torch.zeros(1, *shape)
+    for c in range(1, classes):  # nested boxes, the last class innermost (at least a voxel)
+        lows = [min(s - 1, round(s * c / (2 * classes))) for s in shape]
+        box: tuple[slice, ...] = tuple(
+            slice(lo, max(lo + 1, round(s * (1 - c / (2 * classes))))) for lo, s in zip(lows, shape, strict=True)
+        )
+        label[0][box] = c
+    small = tuple(min(s, 32 if dims == 2 else 16) for s in shape)
+    large = tuple(min(s, 128 if dims == 2 else 48) for s in shape)
+
+    repeats = max(1, draws if dims == 2 else draws // 4)
+
+    def per_sample(patch: tuple[int, ...]) -> float:
+        pre = PreprocessConfig(spatial_dims=dims, patch_size=patch)
+        transform = augment_transform(pre, aug)
+        transform.set_random_state(seed=0)
+        transform({"image": image, "label": label})  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            transform({"image": image, "label": label})
+        return (time.perf_counter() - started) / repeats
+
+    t_small, t_large = per_sample(small), per_sample(large)
+    v_small, v_large = math.prod(small), math.prod(large)
+    slope = max(0.0, (t_large - t_small) / (v_large - v_small)) if v_large > v_small else 0.0
+    return lambda patch: max(0.0, t_small + slope * (math.prod(patch) - v_small))
+
+
 def _fits_gpu(patch: tuple[int, ...]) -> bool:
     """On CUDA the patch is bounded by memory: a 3D patch of at most 160³ voxels, a 2D one of 512²."""
     return math.prod(patch) <= (160**3 if len(patch) == 3 else 512**2)
@@ -365,7 +415,7 @@ class StepSpeed:
     reason: str
 
 
-def _precision_for(kind: str, dims: int) -> StepSpeed:
+def _precision_for(kind: str, dims: int, norm: Norm = Norm.INSTANCE) -> StepSpeed:
     """The training precision and the speed of a training step: on CPUs, bf16 autocast where the CPU
     computes bf16 natively and a step measured at least ``BF16_GAIN`` times as fast in it."""
     import torch
@@ -374,9 +424,9 @@ def _precision_for(kind: str, dims: int) -> StepSpeed:
         return StepSpeed(Precision.AUTO, 50e12, 50e12, "float16 autocast with loss scaling on CUDA")
     native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # private: may go away
     if not (torch.backends.mkldnn.is_available() and native()):
-        fp32 = _throughputs(dims, (False,))[False]
+        fp32 = _throughputs(dims, (False,), norm)[False]
         return StepSpeed(Precision.FP32, fp32, fp32, "float32: this CPU has no native bf16")
-    rates = _throughputs(dims, (False, True))
+    rates = _throughputs(dims, (False, True), norm)
     fp32, bf16 = rates[False], rates[True]
     gain = bf16 / fp32
     if gain >= BF16_GAIN:
@@ -386,10 +436,20 @@ def _precision_for(kind: str, dims: int) -> StepSpeed:
     return StepSpeed(Precision.FP32, fp32, fp32, why)
 
 
-def _throughputs(dims: int, bf16: tuple[bool, ...]) -> dict[bool, float]:
+def _throughputs(dims: int, bf16: tuple[bool, ...], norm: Norm = Norm.INSTANCE) -> dict[bool, float]:
     """FLOP/s of a U-Net training step on this CPU, per precision (bf16 autocast or not): timed on a
-    small network, so that step times of other patches follow from their FLOP counts."""
-    net = NetworkConfig(spatial_dims=dims, in_channels=1, out_channels=2, features=(16, 32, 64, 128))
+    small network with the plan's ``norm`` and deep supervision, so that step times of other patches
+    follow from their FLOP counts (on 2 cores the same network ran 1.6x as fast per FLOP with batch norm
+    as with instance norm)."""
+    net = NetworkConfig(
+        spatial_dims=dims,
+        in_channels=1,
+        out_channels=2,
+        features=(16, 32, 64, 128),
+        norm=norm,
+        deep_supervision=True,
+        deep_supervision_levels=DEEP_SUPERVISION_LEVELS,
+    )
     patch = (128, 128) if dims == 2 else (48, 48, 48)
     batch = 8 if dims == 2 else 2
     seconds = _typical_steps([_step_timer(net, patch, batch, b) for b in bf16])
@@ -418,25 +478,28 @@ def _typical_steps(timers: list[Callable[[], float]], steps: int = 5, warmup: in
 
 
 def _step_timer(net_cfg: NetworkConfig, patch: tuple[int, ...], batch: int, bf16: bool) -> Callable[[], float]:
-    """A function that runs one training step (forward, loss, backward, AdamW) of ``net_cfg`` on random
-    data, under bf16 autocast with ``bf16``, and returns its seconds."""
+    """A function that runs one training step (forward, training loss, backward, AdamW) of ``net_cfg``
+    on random data, under bf16 autocast with ``bf16``, and returns its seconds."""
     import torch
+    from monai.losses import DeepSupervisionLoss
 
     from medunet.networks import create_network
+    from medunet.training.losses import GlobalBatchDiceCELoss
 
     net = create_network(net_cfg)
     fmt = torch.channels_last_3d if len(patch) == 3 else torch.channels_last
     net = net.to(memory_format=fmt)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     x = torch.randn(batch, net_cfg.in_channels, *patch).to(memory_format=fmt)
-    y = torch.randint(0, net_cfg.out_channels, (batch, *patch))
+    y = torch.randint(0, net_cfg.out_channels, (batch, 1, *patch))
+    dice_ce = GlobalBatchDiceCELoss()  # as training computes it (medunet.training.loop.make_loss)
+    loss_fn = DeepSupervisionLoss(dice_ce, weight_mode="exp") if net_cfg.deep_supervision else dice_ce
 
     def step() -> float:
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = net(x)
-            heads = out.unbind(1) if out.dim() == x.dim() + 1 else (out,)  # deep supervision: every head
-            loss = sum((torch.nn.functional.cross_entropy(h, y) for h in heads), torch.zeros(()))
+            loss = loss_fn(list(out.unbind(1)) if out.dim() == x.dim() + 1 else out, y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -91,7 +91,7 @@ def test_bf16_only_where_the_cpu_has_it_and_a_step_measures_faster(monkeypatch: 
     from medunet.planning import plan as plan_module
 
     rates = {False: 1e10, True: 1.8e10}
-    monkeypatch.setattr(plan_module, "_throughputs", lambda dims, bf16: {b: rates[b] for b in bf16})
+    monkeypatch.setattr(plan_module, "_throughputs", lambda dims, bf16, norm: {b: rates[b] for b in bf16})
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     speed = plan_module._precision_for("cpu", 2)
     assert (speed.precision, speed.train, speed.fp32) == (Precision.BF16, 1.8e10, 1e10)  # validation: float32
@@ -102,6 +102,50 @@ def test_bf16_only_where_the_cpu_has_it_and_a_step_measures_faster(monkeypatch: 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert plan_module._precision_for("cpu", 2).precision == Precision.FP32
     assert plan_module._precision_for("cuda", 3).precision == Precision.AUTO
+
+
+def test_augmentation_counts_in_the_cpu_step_estimate(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training computes on every core, so the loader's crop and augmentation lengthen a CPU step: a
+    costlier augmentation plans a smaller patch, and the reason says the estimate includes it."""
+    import math
+
+    from medunet.config import Norm, Precision
+    from medunet.planning import plan as plan_module
+
+    ds = read_dataset(small_acdc(data_dir, tmp_path / "acdc"))
+    fp = fingerprint_dataset(ds, workers=2, progress=False)
+    norms: list[Norm] = []
+
+    def speed(kind: str, dims: int, norm: Norm) -> plan_module.StepSpeed:
+        norms.append(norm)
+        return plan_module.StepSpeed(Precision.FP32, 1.3e11, 1.3e11, "fixed for the test")
+
+    monkeypatch.setattr(plan_module, "_precision_for", speed)
+    monkeypatch.setattr(plan_module, "_measure_step", lambda *args, **kw: 0.1)
+
+    def planned(per_sample_at_128: float) -> tuple[int, ...]:
+        cost = lambda patch: per_sample_at_128 * math.prod(patch) / 128**2  # noqa: E731
+        monkeypatch.setattr(plan_module, "_augment_seconds", lambda *args: cost)
+        plan = plan_module.make_plan(ds, fp, 30, "cpu")
+        assert "augmentation included" in plan.reasons["preprocess.patch_size"]
+        return plan.config.preprocess.patch_size
+
+    free = planned(0.0)
+    assert math.prod(planned(0.02)) < math.prod(free)
+    assert norms == [Norm.BATCH, Norm.BATCH]  # the rate is measured with the 2D plan's batch norm
+
+
+def test_augmentation_is_timed_in_2d_and_3d_also_on_images_smaller_than_the_crops() -> None:
+    from medunet.config import AugmentConfig
+    from medunet.planning import plan as plan_module
+
+    for dims, shape in ((2, (96.4, 80.0)), (2, (12.0, 20.0)), (3, (20.0, 30.0, 6.0))):
+        aug = AugmentConfig(flip_axes=tuple(range(dims)), elastic_prob=0.5)
+        per_sample = plan_module._augment_seconds(aug, dims, shape, 4, draws=4)
+        for patch in ((8,) * dims, (16,) * dims, (64,) * dims):
+            assert 0 < per_sample(patch) < 1.0
 
 
 def test_step_time_is_measured_with_deep_supervision_and_bf16() -> None:
