@@ -64,6 +64,9 @@ MAX_FEATURES = {2: 256, 3: 256}
 # bf16 autocast is chosen on a CPU where a training step runs at least this much faster in it
 BF16_GAIN = 1.2
 VALIDATION_SHARE = 0.15  # validate often enough to pick the best epoch, but in at most this share of the time
+# below this share of its threads' CPU time while steps were timed, the planning process shared the CPU (2 cores,
+# 2 threads: 0.49 while a training run used both cores, near 1 on an idle machine)
+BUSY_CPU_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,8 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
 
     # FLOP/s of a training step on this machine (measured with the plan's norm and loss), at the precision
     # that trains fastest here
-    speed = _precision_for(kind, dims, Norm.BATCH if batch >= 8 else Norm.INSTANCE)
+    usage = CpuUsage()
+    speed = _precision_for(kind, dims, Norm.BATCH if batch >= 8 else Norm.INSTANCE, usage=usage)
     precision, rate, reasons["train.precision"] = speed.precision, speed.train, speed.reason
     bf16 = precision == Precision.BF16
 
@@ -250,7 +254,13 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     reasons["network.features"] = f"{base} channels at the top, doubling per level up to {MAX_FEATURES[dims]}"
 
     # epochs from the measured step time (and the batch's augmentation where it adds to a step)
-    measured = _measure_step(net, patch, batch, bf16) + batch * augment_s(patch) if kind == "cpu" else est
+    measured = _measure_step(net, patch, batch, bf16, usage=usage) + batch * augment_s(patch) if kind == "cpu" else est
+    if usage.share < BUSY_CPU_SHARE:
+        notes.append(
+            f"the CPU was busy while training steps were timed: this process got {usage.share:.0%} of the CPU "
+            f"time its {usage.threads} threads could use, so the patch, batch and epochs fit a shared machine; "
+            "plan again on an idle machine for a plan that uses all of it"
+        )
     steps = max(1, per_epoch // batch)
     epoch_s = steps * measured
     # validation runs in float32; windows overlap by a half
@@ -407,6 +417,31 @@ def _fits_gpu(patch: tuple[int, ...]) -> bool:
     return math.prod(patch) <= (160**3 if len(patch) == 3 else 512**2)
 
 
+@dataclass
+class CpuUsage:
+    """The CPU time this process got while training steps were timed, against the wall time its compute
+    threads could have used: a share well below 1 means other processes took the cores, and the step
+    times planned from are those of a shared machine."""
+
+    cpu: float = 0.0
+    capacity: float = 0.0  # wall seconds x threads
+    threads: int = 0
+
+    def timed(self, step: Callable[[], float]) -> float:
+        import torch
+
+        self.threads = min(torch.get_num_threads(), _cores())
+        wall, cpu = time.perf_counter(), time.process_time()
+        seconds = step()
+        self.cpu += time.process_time() - cpu
+        self.capacity += (time.perf_counter() - wall) * self.threads
+        return seconds
+
+    @property
+    def share(self) -> float:
+        return self.cpu / self.capacity if self.capacity > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class StepSpeed:
     precision: Precision  # what training runs in
@@ -415,7 +450,7 @@ class StepSpeed:
     reason: str
 
 
-def _precision_for(kind: str, dims: int, norm: Norm = Norm.INSTANCE) -> StepSpeed:
+def _precision_for(kind: str, dims: int, norm: Norm = Norm.INSTANCE, usage: CpuUsage | None = None) -> StepSpeed:
     """The training precision and the speed of a training step: on CPUs, bf16 autocast where the CPU
     computes bf16 natively and a step measured at least ``BF16_GAIN`` times as fast in it."""
     import torch
@@ -424,9 +459,9 @@ def _precision_for(kind: str, dims: int, norm: Norm = Norm.INSTANCE) -> StepSpee
         return StepSpeed(Precision.AUTO, 50e12, 50e12, "float16 autocast with loss scaling on CUDA")
     native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # private: may go away
     if not (torch.backends.mkldnn.is_available() and native()):
-        fp32 = _throughputs(dims, (False,), norm)[False]
+        fp32 = _throughputs(dims, (False,), norm, usage=usage)[False]
         return StepSpeed(Precision.FP32, fp32, fp32, "float32: this CPU has no native bf16")
-    rates = _throughputs(dims, (False, True), norm)
+    rates = _throughputs(dims, (False, True), norm, usage=usage)
     fp32, bf16 = rates[False], rates[True]
     gain = bf16 / fp32
     if gain >= BF16_GAIN:
@@ -436,7 +471,9 @@ def _precision_for(kind: str, dims: int, norm: Norm = Norm.INSTANCE) -> StepSpee
     return StepSpeed(Precision.FP32, fp32, fp32, why)
 
 
-def _throughputs(dims: int, bf16: tuple[bool, ...], norm: Norm = Norm.INSTANCE) -> dict[bool, float]:
+def _throughputs(
+    dims: int, bf16: tuple[bool, ...], norm: Norm = Norm.INSTANCE, usage: CpuUsage | None = None
+) -> dict[bool, float]:
     """FLOP/s of a U-Net training step on this CPU, per precision (bf16 autocast or not): timed on a
     small network with the plan's ``norm`` and deep supervision, so that step times of other patches
     follow from their FLOP counts (on 2 cores the same network ran 1.6x as fast per FLOP with batch norm
@@ -452,26 +489,36 @@ def _throughputs(dims: int, bf16: tuple[bool, ...], norm: Norm = Norm.INSTANCE) 
     )
     patch = (128, 128) if dims == 2 else (48, 48, 48)
     batch = 8 if dims == 2 else 2
-    seconds = _typical_steps([_step_timer(net, patch, batch, b) for b in bf16])
+    seconds = _typical_steps([_step_timer(net, patch, batch, b) for b in bf16], usage=usage)
     flops = 3.0 * describe_network(net).flops(patch) * batch
     return {b: flops / s for b, s in zip(bf16, seconds, strict=True)}
 
 
-def _measure_step(net_cfg: NetworkConfig, patch: tuple[int, ...], batch: int, bf16: bool = False, **kw: int) -> float:
+def _measure_step(
+    net_cfg: NetworkConfig,
+    patch: tuple[int, ...],
+    batch: int,
+    bf16: bool = False,
+    steps: int = 5,
+    warmup: int = 2,
+    usage: CpuUsage | None = None,
+) -> float:
     """Seconds per training step of ``net_cfg`` (see ``_step_timer`` and ``_typical_steps``)."""
-    return _typical_steps([_step_timer(net_cfg, patch, batch, bf16)], **kw)[0]
+    return _typical_steps([_step_timer(net_cfg, patch, batch, bf16)], steps, warmup, usage)[0]
 
 
-def _typical_steps(timers: list[Callable[[], float]], steps: int = 5, warmup: int = 2) -> list[float]:
+def _typical_steps(
+    timers: list[Callable[[], float]], steps: int = 5, warmup: int = 2, usage: CpuUsage | None = None
+) -> list[float]:
     """The median of ``steps`` timed steps of each timer, after ``warmup`` untimed ones (the first
     steps build oneDNN's kernels). The timers take turns, so a load that comes and goes slows them
     alike and cannot tip the choice between them (timed one after the other while an inference ran
     alongside, bf16 once measured 0.79x as fast as float32 instead of 1.8x). The median, not the
-    fastest step, which a long run seldom sees."""
+    fastest step, which a long run seldom sees. ``usage`` adds up the CPU time of the timed steps."""
     times: list[list[float]] = [[] for _ in timers]
     for i in range(steps + warmup):
         for k, timer in enumerate(timers):
-            seconds = timer()
+            seconds = usage.timed(timer) if usage is not None and i >= warmup else timer()
             if i >= warmup:
                 times[k].append(seconds)
     return [float(np.median(t)) for t in times]

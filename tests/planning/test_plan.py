@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -91,7 +92,7 @@ def test_bf16_only_where_the_cpu_has_it_and_a_step_measures_faster(monkeypatch: 
     from medunet.planning import plan as plan_module
 
     rates = {False: 1e10, True: 1.8e10}
-    monkeypatch.setattr(plan_module, "_throughputs", lambda dims, bf16, norm: {b: rates[b] for b in bf16})
+    monkeypatch.setattr(plan_module, "_throughputs", lambda dims, bf16, norm, usage=None: {b: rates[b] for b in bf16})
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     speed = plan_module._precision_for("cpu", 2)
     assert (speed.precision, speed.train, speed.fp32) == (Precision.BF16, 1.8e10, 1e10)  # validation: float32
@@ -118,7 +119,7 @@ def test_augmentation_counts_in_the_cpu_step_estimate(
     fp = fingerprint_dataset(ds, workers=2, progress=False)
     norms: list[Norm] = []
 
-    def speed(kind: str, dims: int, norm: Norm) -> plan_module.StepSpeed:
+    def speed(kind: str, dims: int, norm: Norm, usage: plan_module.CpuUsage | None = None) -> plan_module.StepSpeed:
         norms.append(norm)
         return plan_module.StepSpeed(Precision.FP32, 1.3e11, 1.3e11, "fixed for the test")
 
@@ -135,6 +136,82 @@ def test_augmentation_counts_in_the_cpu_step_estimate(
     free = planned(0.0)
     assert math.prod(planned(0.02)) < math.prod(free)
     assert norms == [Norm.BATCH, Norm.BATCH]  # the rate is measured with the 2D plan's batch norm
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_plan_timed_on_a_busy_cpu_says_so(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps timed while other processes held the cores make a plan for a shared machine: the plan's
+    notes say so; steps that got their threads' CPU time leave no such note."""
+    import time
+
+    from medunet.config import Precision
+    from medunet.planning import plan as plan_module
+
+    ds = read_dataset(small_acdc(data_dir, tmp_path / "acdc"))
+    fp = fingerprint_dataset(ds, workers=2, progress=False)
+    fixed = plan_module.StepSpeed(Precision.FP32, 1.3e11, 1.3e11, "fixed for the test")
+    monkeypatch.setattr(plan_module, "_precision_for", lambda *args, **kw: fixed)
+    monkeypatch.setattr(plan_module, "_augment_seconds", lambda *args: lambda patch: 0.0)
+    # between a waiting step (no CPU time) and a computing one, also where this test shares the machine
+    monkeypatch.setattr(plan_module, "BUSY_CPU_SHARE", 0.3)
+
+    def measured_with(step: object) -> list[str]:
+        def measure(*args: object, usage: plan_module.CpuUsage, **kw: object) -> float:
+            return plan_module._typical_steps([step], steps=2, warmup=0, usage=usage)[0]  # type: ignore[list-item]
+
+        monkeypatch.setattr(plan_module, "_measure_step", measure)
+        return [n for n in plan_module.make_plan(ds, fp, 30, "cpu").notes if "CPU was busy" in n]
+
+    def waiting() -> float:  # a step whose threads wait for the cores: wall time without CPU time
+        time.sleep(0.05)
+        return 0.05
+
+    def computing() -> float:  # a step that keeps every thread busy
+        t = time.perf_counter()
+        torch_threads_busy(0.05)
+        return time.perf_counter() - t
+
+    assert measured_with(waiting) and not measured_with(computing)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread, so that a step's CPU share does not depend on how a library spreads small
+    products over many cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def torch_threads_busy(seconds: float) -> None:
+    """Keep torch's threads computing for about ``seconds``."""
+    import time
+
+    import torch
+
+    a = torch.randn(256, 256)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a @ a
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cpu_usage_is_the_share_of_the_threads_cpu_time_a_timed_step_got() -> None:
+    import time
+
+    from medunet.planning import plan as plan_module
+
+    idle, busy = plan_module.CpuUsage(), plan_module.CpuUsage()
+    assert idle.share == 1.0  # nothing timed: nothing to warn about
+    assert idle.timed(lambda: time.sleep(0.1) or 0.1) == 0.1
+    busy.timed(lambda: torch_threads_busy(0.3) or 0.3)
+    # a computing thread gets most of a core even on a machine this test shares (0.55 beside a training run)
+    assert idle.share < 0.2 and busy.share > 0.4 and busy.threads == 1
 
 
 def test_augmentation_is_timed_in_2d_and_3d_also_on_images_smaller_than_the_crops() -> None:
