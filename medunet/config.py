@@ -194,9 +194,13 @@ class InferConfig:
     # Spatial axes the network was trained to be mirror-invariant along (training flips); ``--tta``
     # averages over mirrored copies along these. Filled from ``augment.flip_axes`` when a run is saved.
     tta_axes: tuple[int, ...] = ()
-    # Keep each class's largest connected component; None: decided on the validation cases after training
-    # (kept where it raises their mean Dice), as a planned run does.
+    # Keep the largest connected component; None: decided on the validation cases after training, as a
+    # planned run does (the foreground as a whole first, then each class, kept where it raises their Dice).
     largest_component: bool | None = False
+    # With the filter on: keep the foreground's (every class together) largest component first ...
+    largest_component_foreground: bool = False
+    # ... then each of these classes' own (indices); empty: every class, as a filter switched on by hand
+    largest_component_classes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

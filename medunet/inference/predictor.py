@@ -20,6 +20,7 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Spacingd
 
+from medunet.config import InferConfig
 from medunet.errors import InputError
 from medunet.inference.backends import Engine
 from medunet.inference.model import SegmentationModel
@@ -229,9 +230,7 @@ def finish(predicted: Predicted, model: SegmentationModel) -> Segmentation:
     labels, probs = _to_input_grid(prep, predicted.labels, predicted.probs, predicted.resampled)
     if probs is not None and not options.probabilities:
         probs = None
-    keep_largest = model.infer.largest_component if options.largest_component is None else options.largest_component
-    if keep_largest:
-        labels = keep_largest_components(labels, model.preprocess.num_classes)
+    labels = postprocess(labels, model.infer, model.preprocess.num_classes, options.largest_component)
     spacing = tuple(float(v) for v in np.linalg.norm(prep.affine[:-1, :-1], axis=0))
     return Segmentation(labels, prep.affine, probs, prep.source, spacing, plan=predicted.plan)
 
@@ -298,19 +297,40 @@ def _to_input_grid(
     return labels, probs
 
 
-def keep_largest_components(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Keep, for each foreground class, only its largest connected component (face connectivity)."""
+def postprocess(labels: torch.Tensor, infer: InferConfig, num_classes: int, largest: bool | None) -> torch.Tensor:
+    """``labels`` after the largest-component filter: as ``infer`` says (the model's validation chose
+    it) with ``largest`` None, else on every class (True) or not at all (False)."""
+    if largest is None and infer.largest_component:
+        classes = infer.largest_component_classes or None  # empty: every class, as a filter set by hand
+        return keep_largest_components(labels, num_classes, classes, infer.largest_component_foreground)
+    return keep_largest_components(labels, num_classes) if largest else labels
+
+
+def keep_largest_components(
+    labels: torch.Tensor, num_classes: int, classes: Sequence[int] | None = None, foreground: bool = False
+) -> torch.Tensor:
+    """Keep only the largest connected component (face connectivity): of the foreground as a whole
+    (every class together) with ``foreground``, then of each of ``classes`` (None: every foreground
+    class) on its own; what is removed becomes background."""
+    out = labels.numpy().copy()
+    if foreground:
+        out[(out > 0) & ~_largest_component(out > 0)] = 0
+    for c in range(1, num_classes) if classes is None else classes:
+        mask = out == c
+        out[mask & ~_largest_component(mask)] = 0
+    return torch.from_numpy(out)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """``mask``'s largest face-connected component (``mask`` itself when it has at most one)."""
     from scipy import ndimage
 
-    out = labels.numpy().copy()
-    for c in range(1, num_classes):
-        mask = out == c
-        components, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(components.ravel())
-            sizes[0] = 0
-            out[mask & (components != sizes.argmax())] = 0
-    return torch.from_numpy(out)
+    components, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return np.asarray(components == sizes.argmax())
 
 
 def segment_image(

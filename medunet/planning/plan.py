@@ -312,8 +312,9 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     )
     infer = InferConfig(overlap=0.5, sw_batch_size=4 if dims == 2 else 2, largest_component=None)
     reasons["infer.largest_component"] = (
-        "decided after training on the validation volumes: kept where keeping each class's largest connected "
-        "component raises their mean Dice"
+        "decided after training on the validation volumes, as nnU-Net does: the foreground's largest connected "
+        "component (every class together) kept where it raises their mean Dice, then each class's own where it "
+        "raises that class's Dice"
     )
     cache, reasons["data.cache_rate"] = rules.cache_rate(
         _preprocessed_bytes(fp["cases"], target, len(modalities)), _memory_available()

@@ -1,7 +1,8 @@
 """Post-processing chosen on the validation cases after training, as nnU-Net does.
 
 The trained model segments each validation volume through the same path as ``medunet infer``; the
-largest-connected-component filter is kept when it raises the mean Dice over those volumes.
+largest-connected-component filter, of the foreground as a whole and then of each class, is kept where
+it raises the Dice over those volumes.
 """
 
 from __future__ import annotations
@@ -17,27 +18,52 @@ from medunet.data import read_manifest
 from medunet.evaluation import dice_from_counts, overlap_counts
 from medunet.io import load_checkpoint, load_image, save_checkpoint
 
-MIN_GAIN = 0.001  # mean Dice the filter must add to be kept
+MIN_GAIN = 0.001  # Dice a filter step must add to be kept (the mean over classes; a class's own Dice)
 
 
 @dataclass(frozen=True)
 class PostprocessChoice:
-    largest_component: bool
-    dice_without: float
-    dice_with: float
+    foreground: bool  # the foreground's largest component kept, first
+    classes: tuple[int, ...]  # then each of these classes' own
+    class_names: tuple[str, ...]
+    raw: tuple[float, ...]  # mean Dice per foreground class over the volumes, without a filter
+    after_foreground: tuple[float, ...]  # ... with the foreground's largest component kept
+    after_class: tuple[float, ...]  # ... each class's own, on top of the foreground step as chosen
     volumes: int
 
+    @property
+    def largest_component(self) -> bool:
+        return self.foreground or bool(self.classes)
+
+    @property
+    def dice_without(self) -> float:
+        return float(np.mean(self.raw))
+
+    @property
+    def dice_with(self) -> float:
+        chosen = self.after_foreground if self.foreground else self.raw
+        return float(np.mean([self.after_class[c - 1] if c in self.classes else d for c, d in enumerate(chosen, 1)]))
+
     def describe(self) -> str:
-        verdict = "kept" if self.largest_component else "not kept"
+        base = self.after_foreground if self.foreground else self.raw
+        fg = np.mean(self.after_foreground)
+        steps = [f"the foreground as one {'kept' if self.foreground else 'not kept'} ({fg:.4f})"] + [
+            f"{name} {'kept' if c in self.classes else 'not kept'} ({base[c - 1]:.4f} -> {self.after_class[c - 1]:.4f})"
+            for c, name in enumerate(self.class_names, 1)
+        ]
         return (
-            f"largest-component post-processing {verdict}: mean Dice {self.dice_without:.4f} without, "
-            f"{self.dice_with:.4f} with, on {self.volumes} validation volumes"
+            f"largest-component post-processing {'kept' if self.largest_component else 'not kept'}: "
+            f"{'; '.join(steps)}; mean Dice {self.dice_without:.4f} without, {self.dice_with:.4f} as chosen, on "
+            f"{self.volumes} validation volumes"
         )
 
 
 def choose_postprocessing(checkpoint: Path, cfg: ExperimentConfig) -> PostprocessChoice:
-    """Decide ``infer.largest_component`` for ``checkpoint`` on its run's validation volumes and write
-    the choice into the checkpoint (replaced atomically)."""
+    """Decide the largest-component filter for ``checkpoint`` on its run's validation volumes, as
+    nnU-Net does: the foreground's largest component (every class together) first, kept where it raises
+    the mean Dice; then each class's own on top, kept where it raises that class's Dice (removing a
+    class's voxels changes no other class's Dice, so the classes are decided one by one). The choice is
+    written into the checkpoint (replaced atomically)."""
     import torch
 
     from medunet.inference.model import model_from_payload
@@ -52,7 +78,11 @@ def choose_postprocessing(checkpoint: Path, cfg: ExperimentConfig) -> Postproces
         if case.case_id in val_ids and case.label is not None:
             volumes.setdefault(case.volume_id, (case.images, case.label))  # a volume's slices share it
     n = model.preprocess.num_classes
-    without, with_ = [], []
+    # per volume, Dice per foreground class: no filter, foreground, each class, both
+    raw: list[list[float]] = []
+    fg: list[list[float]] = []
+    per_class: list[list[float]] = []
+    fg_per_class: list[list[float]] = []
     for images, label_path in volumes.values():
         seg = segment(list(images), model, options=InferOptions(largest_component=False))
         label = load_image(label_path, spatial_dims=(2, 3))
@@ -61,11 +91,43 @@ def choose_postprocessing(checkpoint: Path, cfg: ExperimentConfig) -> Postproces
         for index, value in enumerate(model.label_values):
             truth[values == value] = index
         pred = seg.labels.to(torch.int64)
-        without.append(dice_from_counts(overlap_counts(pred, truth, n)))
-        with_.append(dice_from_counts(overlap_counts(keep_largest_components(pred, n).to(torch.int64), truth, n)))
-    d0 = float(np.mean(np.nanmean(without, axis=0))) if without else float("nan")
-    d1 = float(np.mean(np.nanmean(with_, axis=0))) if with_ else float("nan")
-    keep = bool(with_) and d1 >= d0 + MIN_GAIN
-    payload["infer"] = {**payload.get("infer", {}), "largest_component": keep}
+        kept_fg = keep_largest_components(pred, n, classes=(), foreground=True).to(torch.int64)
+        for rows, filtered in (
+            (raw, pred),
+            (fg, kept_fg),
+            (per_class, keep_largest_components(pred, n)),
+            (fg_per_class, keep_largest_components(kept_fg, n)),
+        ):
+            rows.append(list(dice_from_counts(overlap_counts(filtered.to(torch.int64), truth, n))))
+
+    def means(rows: list[list[float]]) -> tuple[float, ...]:
+        return tuple(float(v) for v in np.nanmean(rows, axis=0)) if rows else (float("nan"),) * (n - 1)
+
+    names = tuple(model.preprocess.label_names[1:])
+    choice = decide(names, means(raw), means(fg), means(per_class), means(fg_per_class), len(volumes))
+    payload["infer"] = {
+        **payload.get("infer", {}),
+        "largest_component": choice.largest_component,
+        "largest_component_foreground": choice.foreground,
+        "largest_component_classes": list(choice.classes),
+    }
     save_checkpoint(payload, checkpoint)
-    return PostprocessChoice(keep, d0, d1, len(volumes))
+    return choice
+
+
+def decide(
+    names: tuple[str, ...],
+    raw: tuple[float, ...],
+    foreground: tuple[float, ...],
+    each_class: tuple[float, ...],
+    foreground_then_each: tuple[float, ...],
+    volumes: int,
+) -> PostprocessChoice:
+    """The choice from mean Dice per foreground class over the validation volumes: without a filter,
+    with the foreground's largest component, with each class's own, and with both. The foreground step
+    is kept where it raises the mean by ``MIN_GAIN``; then a class's own step where it raises that
+    class's Dice by as much over what the foreground step left (no volumes: nothing is kept)."""
+    use_fg = volumes > 0 and float(np.mean(foreground)) >= float(np.mean(raw)) + MIN_GAIN
+    base, after = (foreground, foreground_then_each) if use_fg else (raw, each_class)
+    classes = tuple(c for c in range(1, len(names) + 1) if volumes > 0 and after[c - 1] >= base[c - 1] + MIN_GAIN)
+    return PostprocessChoice(use_fg, classes, names, raw, foreground, after, volumes)

@@ -84,6 +84,37 @@ def test_keep_largest_components() -> None:
     kept = keep_largest_components(torch.from_numpy(labels), 3).numpy()
     assert (kept[2:8, 2:8, 2:8] == 1).all() and (kept[12:14, 12:14, 12:14] == 0).all()
     assert (kept[15:19, 2:6, 2:6] == 2).all() and (kept[2:4, 15:17, 15:17] == 0).all()
+    only_2 = keep_largest_components(torch.from_numpy(labels), 3, classes=(2,)).numpy()
+    assert (only_2[12:14, 12:14, 12:14] == 1).all() and (only_2[2:4, 15:17, 15:17] == 0).all()
+    # the foreground as one: class 2's block touching class 1's large one joins it; the rest goes
+    labels[8:12, 2:8, 2:8] = 2
+    whole = keep_largest_components(torch.from_numpy(labels), 3, classes=(), foreground=True).numpy()
+    assert (whole[2:8, 2:8, 2:8] == 1).all() and (whole[8:12, 2:8, 2:8] == 2).all()
+    assert not whole[12:20].any() and not whole[:, 15:].any()
+
+
+def test_the_model_keeps_the_components_its_validation_chose() -> None:
+    """A model whose validation chose class 2's own filter filters just that class; ``--postprocess``
+    largest-component filters every class, none nothing; a model that chose no filter filters nothing."""
+    from medunet.config import InferConfig
+    from medunet.inference.predictor import postprocess
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:8, 2:8, 2:8] = 1
+    labels[12:14, 12:14, 12:14] = 1  # a second component of each class, apart from everything
+    labels[15:19, 2:6, 2:6] = 2
+    labels[2:4, 15:17, 15:17] = 2
+    seg = torch.from_numpy(labels)
+    small_1, small_2 = (slice(12, 14),) * 3, (slice(2, 4), slice(15, 17), slice(15, 17))
+    chosen = InferConfig(largest_component=True, largest_component_classes=(2,))
+    kept = postprocess(seg, chosen, 3, None).numpy()
+    assert (kept[small_1] == 1).all() and (kept[small_2] == 0).all()
+    every = postprocess(seg, chosen, 3, True).numpy()
+    assert (every[small_1] == 0).all() and (every[small_2] == 0).all()
+    assert (postprocess(seg, chosen, 3, False).numpy() == labels).all()
+    assert (postprocess(seg, InferConfig(largest_component=False), 3, None).numpy() == labels).all()
+    old = InferConfig(largest_component=True)  # a model from before the per-class choice: every class
+    assert (postprocess(seg, old, 3, None).numpy() == every).all()
 
 
 def test_tta_needs_mirroring_and_makes_output_mirror_symmetric(tiny_model: Path, tmp_path: Path) -> None:

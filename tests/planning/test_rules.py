@@ -117,3 +117,23 @@ def test_cases_are_kept_in_memory_while_they_fit_half_of_it() -> None:
     rate, why = rules.cache_rate(40 * gib, 20 * gib)  # a CT dataset on a small machine: a quarter fits
     assert rate == 0.25 and "25% of them" in why and "read again" in why
     assert rules.cache_rate(30 * gib, 20 * gib)[0] == 0.33  # rounded down, never over the share
+
+
+def test_postprocessing_is_decided_for_the_foreground_then_each_class() -> None:
+    """As measured on a cardiac run's 32 validation volumes: the foreground step raised the mean
+    (0.8770 -> 0.8795), then MYO's own step raised MYO's Dice, RV's was flat and LV's cost 0.015."""
+    from medunet.planning.postprocess import decide
+
+    names = ("RV", "MYO", "LV")
+    raw, fg = (0.8608, 0.8597, 0.9104), (0.8627, 0.8637, 0.9121)
+    each, fg_each = (0.8626, 0.8649, 0.8974), (0.8626, 0.8649, 0.8974)
+    choice = decide(names, raw, fg, each, fg_each, 32)
+    assert (choice.foreground, choice.classes, choice.largest_component) == (True, (2,), True)
+    assert round(choice.dice_with, 4) == round((0.8627 + 0.8649 + 0.9121) / 3, 4)
+    assert "MYO kept (0.8637 -> 0.8649)" in choice.describe() and "LV not kept" in choice.describe()
+    # without the foreground step each class is judged against its unfiltered Dice
+    choice = decide(names, raw, raw, each, fg_each, 32)
+    assert (choice.foreground, choice.classes) == (False, (1, 2))
+    # nothing that helps, or nothing to judge on: no filter
+    assert not decide(names, raw, raw, raw, raw, 32).largest_component
+    assert not decide(names, raw, fg, each, fg_each, 0).largest_component

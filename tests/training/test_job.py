@@ -87,7 +87,10 @@ def test_run_job_trains_inside_its_tracking_run(tiny_config: Path, tmp_path: Pat
     assert fake_tracker == [("start", tmp_path / "run"), ("epoch", 1), ("epoch", 2), ("finish", "FINISHED")]
     assert len(said) == 2 and said[0].startswith("largest-component post-processing ")
     assert said[1] == "MLflow run run123 at sqlite:///here.db"
-    assert isinstance(load_checkpoint(tmp_path / "run" / "best.pt")["infer"]["largest_component"], bool)
+    infer = load_checkpoint(tmp_path / "run" / "best.pt")["infer"]
+    assert isinstance(infer["largest_component"], bool) and isinstance(infer["largest_component_foreground"], bool)
+    chosen = infer["largest_component_foreground"] or bool(infer["largest_component_classes"])
+    assert infer["largest_component"] == chosen
     assert outcome.describe().startswith(f"best mean Dice {outcome.result.best_dice:.4f} at epoch ")
 
 
