@@ -199,8 +199,8 @@ class InferConfig:
     largest_component: bool | None = False
     # With the filter on: keep the foreground's (every class together) largest component first ...
     largest_component_foreground: bool = False
-    # ... then each of these classes' own (indices); empty: every class, as a filter switched on by hand
-    largest_component_classes: tuple[int, ...] = ()
+    # ... then each of these classes' own (indices; empty: none); None: every class, as a filter set by hand
+    largest_component_classes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

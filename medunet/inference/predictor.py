@@ -301,7 +301,7 @@ def postprocess(labels: torch.Tensor, infer: InferConfig, num_classes: int, larg
     """``labels`` after the largest-component filter: as ``infer`` says (the model's validation chose
     it) with ``largest`` None, else on every class (True) or not at all (False)."""
     if largest is None and infer.largest_component:
-        classes = infer.largest_component_classes or None  # empty: every class, as a filter set by hand
+        classes = infer.largest_component_classes  # None: every class, as a filter set by hand
         return keep_largest_components(labels, num_classes, classes, infer.largest_component_foreground)
     return keep_largest_components(labels, num_classes) if largest else labels
 

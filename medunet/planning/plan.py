@@ -258,7 +258,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
     if usage.share < BUSY_CPU_SHARE:
         notes.append(
             f"the CPU was busy while training steps were timed: this process got {usage.share:.0%} of the CPU "
-            f"time its {usage.threads} threads could use, so the patch, batch and epochs fit a shared machine; "
+            f"time its {usage.threads} threads could use, so the patch and epochs fit a shared machine; "
             "plan again on an idle machine for a plan that uses all of it"
         )
     steps = max(1, per_epoch // batch)
@@ -368,8 +368,25 @@ def _memory_available() -> float:
 
 
 def _cores() -> int:
-    """The CPU cores this process may run on (a container's share, not the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPU cores this process may run on (a container's share, not the host's), rounded up."""
+    return max(1, math.ceil(_cpus()))
+
+
+def _cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
+    """CPUs' worth of time this process may use: the cores it may be scheduled on, at most what a
+    cgroup's quota allows per period (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``; ``docker --cpus``)."""
+    cores = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()  # -1: no limit
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cores
+    if quota.isdigit() and period.isdigit() and int(period) > 0:
+        return min(cores, int(quota) / int(period))
+    return cores
 
 
 def _augment_seconds(
@@ -425,17 +442,18 @@ class CpuUsage:
     times planned from are those of a shared machine."""
 
     cpu: float = 0.0
-    capacity: float = 0.0  # wall seconds x threads
+    capacity: float = 0.0  # wall seconds x the CPUs the threads could use
     threads: int = 0
 
     def timed(self, step: Callable[[], float]) -> float:
         import torch
 
-        self.threads = min(torch.get_num_threads(), _cores())
+        self.threads = torch.get_num_threads()
+        cpus = min(float(self.threads), _cpus())  # a container's quota caps what its threads can get
         wall, cpu = time.perf_counter(), time.process_time()
         seconds = step()
         self.cpu += time.process_time() - cpu
-        self.capacity += (time.perf_counter() - wall) * self.threads
+        self.capacity += (time.perf_counter() - wall) * cpus
         return seconds
 
     @property

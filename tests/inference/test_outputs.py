@@ -115,6 +115,19 @@ def test_the_model_keeps_the_components_its_validation_chose() -> None:
     assert (postprocess(seg, InferConfig(largest_component=False), 3, None).numpy() == labels).all()
     old = InferConfig(largest_component=True)  # a model from before the per-class choice: every class
     assert (postprocess(seg, old, 3, None).numpy() == every).all()
+    # the foreground step alone (no class's own step passed): class 2's two pieces, apart from each
+    # other but both touching class 1, stay; every class's own step would remove the smaller one
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:8, 2:8, 2:8] = 1
+    labels[8:12, 2:6, 2:6] = 2  # below class 1
+    labels[2:4, 8:10, 2:4] = 2  # beside it, smaller
+    labels[15:18, 15:18, 15:18] = 1  # apart from everything
+    seg = torch.from_numpy(labels)
+    fg_only = InferConfig(largest_component=True, largest_component_foreground=True, largest_component_classes=())
+    kept = postprocess(seg, fg_only, 3, None).numpy()
+    assert (kept[:15] == labels[:15]).all() and not kept[15:].any()
+    fg_and_every = postprocess(seg, replace(fg_only, largest_component_classes=None), 3, None).numpy()
+    assert not fg_and_every[2:4, 8:10, 2:4].any() and (fg_and_every[8:12, 2:6, 2:6] == 2).all()
 
 
 def test_tta_needs_mirroring_and_makes_output_mirror_symmetric(tiny_model: Path, tmp_path: Path) -> None:

@@ -200,6 +200,28 @@ def torch_threads_busy(seconds: float) -> None:
         a @ a
 
 
+def test_cpus_are_the_cores_at_most_a_containers_quota(tmp_path: Path) -> None:
+    import os
+
+    from medunet.planning import plan as plan_module
+
+    cores = float(len(os.sched_getaffinity(0)))
+    assert plan_module._cpus(tmp_path / "none") == cores  # no cgroup files: the cores
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert plan_module._cpus(v2) == cores
+    (v2 / "cpu.max").write_text("50000 100000\n")  # docker --cpus 0.5
+    assert plan_module._cpus(v2) == 0.5
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert plan_module._cpus(v1.parent) == cores
+    (v1 / "cpu.cfs_quota_us").write_text("25000\n")
+    assert plan_module._cpus(v1.parent) == 0.25
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_cpu_usage_is_the_share_of_the_threads_cpu_time_a_timed_step_got() -> None:
     import time
@@ -212,6 +234,18 @@ def test_cpu_usage_is_the_share_of_the_threads_cpu_time_a_timed_step_got() -> No
     busy.timed(lambda: torch_threads_busy(0.3) or 0.3)
     # a computing thread gets most of a core even on a machine this test shares (0.55 beside a training run)
     assert idle.share < 0.2 and busy.share > 0.4 and busy.threads == 1
+
+
+def test_cpu_usage_counts_what_a_containers_quota_lets_the_threads_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads beyond a quota's CPUs cannot get their time: they do not make an idle container busy."""
+    import torch
+
+    from medunet.planning import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_cpus", lambda: 0.5)
+    usage = plan_module.CpuUsage()
+    usage.timed(lambda: torch_threads_busy(0.2) or 0.2)
+    assert usage.threads == torch.get_num_threads() and usage.capacity < 0.5 * 0.2 * 1.5
 
 
 def test_augmentation_is_timed_in_2d_and_3d_also_on_images_smaller_than_the_crops() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import medunet
 import medunet.tracking
 from medunet.config import load_config
 from medunet.io import load_checkpoint
@@ -89,8 +90,10 @@ def test_run_job_trains_inside_its_tracking_run(tiny_config: Path, tmp_path: Pat
     assert said[1] == "MLflow run run123 at sqlite:///here.db"
     infer = load_checkpoint(tmp_path / "run" / "best.pt")["infer"]
     assert isinstance(infer["largest_component"], bool) and isinstance(infer["largest_component_foreground"], bool)
-    chosen = infer["largest_component_foreground"] or bool(infer["largest_component_classes"])
-    assert infer["largest_component"] == chosen
+    model = medunet.load_model(tmp_path / "run" / "best.pt")  # the choice as inference reads it
+    assert model.infer.largest_component_classes == tuple(infer["largest_component_classes"])
+    assert model.infer.largest_component_foreground == infer["largest_component_foreground"]
+    assert ("post-processing kept" in said[0]) == infer["largest_component"]
     assert outcome.describe().startswith(f"best mean Dice {outcome.result.best_dice:.4f} at epoch ")
 
 
