@@ -8,6 +8,7 @@ it raises the Dice over those volumes.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,60 +59,65 @@ class PostprocessChoice:
         )
 
 
-def choose_postprocessing(checkpoint: Path, cfg: ExperimentConfig) -> PostprocessChoice:
-    """Decide the largest-component filter for ``checkpoint`` on its run's validation volumes, as
-    nnU-Net does: the foreground's largest component (every class together) first, kept where it raises
-    the mean Dice; then each class's own on top, kept where it raises that class's Dice (removing a
-    class's voxels changes no other class's Dice, so the classes are decided one by one). The choice is
-    written into the checkpoint (replaced atomically)."""
+def choose_postprocessing(checkpoints: Sequence[Path], cfg: ExperimentConfig) -> PostprocessChoice:
+    """Decide the largest-component filter on the validation volumes of ``checkpoints`` (one model, or
+    the folds of a cross-validation, each segmenting its own validation volumes, whose Dice are pooled),
+    as nnU-Net does: the foreground's largest component (every class together) first, kept where it
+    raises the mean Dice; then each class's own on top, kept where it raises that class's Dice (removing
+    a class's voxels changes no other class's Dice, so the classes are decided one by one). The choice
+    is written into every checkpoint (each replaced atomically)."""
     import torch
 
     from medunet.inference.model import model_from_payload
     from medunet.inference.predictor import InferOptions, keep_largest_components, segment
 
-    payload = load_checkpoint(checkpoint)
-    model = model_from_payload(payload, str(checkpoint))
-    split = json.loads((checkpoint.parent / "split.json").read_text())
-    val_ids = set(split["val"])
-    volumes: dict[str, tuple[tuple[Path, ...], Path]] = {}
-    for case in read_manifest(cfg.data.manifest):
-        if case.case_id in val_ids and case.label is not None:
-            volumes.setdefault(case.volume_id, (case.images, case.label))  # a volume's slices share it
-    n = model.preprocess.num_classes
     # per volume, Dice per foreground class: no filter, foreground, each class, both
     raw: list[list[float]] = []
     fg: list[list[float]] = []
     per_class: list[list[float]] = []
     fg_per_class: list[list[float]] = []
-    for images, label_path in volumes.values():
-        seg = segment(list(images), model, options=InferOptions(largest_component=False))
-        label = load_image(label_path, spatial_dims=(2, 3))
-        values = torch.round(label.as_tensor()[0]).to(torch.int64)
-        truth = torch.zeros_like(values)
-        for index, value in enumerate(model.label_values):
-            truth[values == value] = index
-        pred = seg.labels.to(torch.int64)
-        kept_fg = keep_largest_components(pred, n, classes=(), foreground=True).to(torch.int64)
-        for rows, filtered in (
-            (raw, pred),
-            (fg, kept_fg),
-            (per_class, keep_largest_components(pred, n)),
-            (fg_per_class, keep_largest_components(kept_fg, n)),
-        ):
-            rows.append(list(dice_from_counts(overlap_counts(filtered.to(torch.int64), truth, n))))
+    payloads = [load_checkpoint(checkpoint) for checkpoint in checkpoints]
+    manifest = read_manifest(cfg.data.manifest)
+    volumes: dict[str, tuple[tuple[Path, ...], Path]] = {}
+    for checkpoint, payload in zip(checkpoints, payloads, strict=True):
+        model = model_from_payload(payload, str(checkpoint))
+        val_ids = set(json.loads((checkpoint.parent / "split.json").read_text())["val"])
+        own: dict[str, tuple[tuple[Path, ...], Path]] = {}
+        for case in manifest:
+            if case.case_id in val_ids and case.label is not None:
+                own.setdefault(case.volume_id, (case.images, case.label))  # a volume's slices share it
+        volumes |= own
+        n = model.preprocess.num_classes
+        for images, label_path in own.values():
+            seg = segment(list(images), model, options=InferOptions(largest_component=False))
+            label = load_image(label_path, spatial_dims=(2, 3))
+            values = torch.round(label.as_tensor()[0]).to(torch.int64)
+            truth = torch.zeros_like(values)
+            for index, value in enumerate(model.label_values):
+                truth[values == value] = index
+            pred = seg.labels.to(torch.int64)
+            kept_fg = keep_largest_components(pred, n, classes=(), foreground=True).to(torch.int64)
+            for rows, filtered in (
+                (raw, pred),
+                (fg, kept_fg),
+                (per_class, keep_largest_components(pred, n)),
+                (fg_per_class, keep_largest_components(kept_fg, n)),
+            ):
+                rows.append(list(dice_from_counts(overlap_counts(filtered.to(torch.int64), truth, n))))
+    names = tuple(cfg.preprocess.label_names[1:])
 
     def means(rows: list[list[float]]) -> tuple[float, ...]:
-        return tuple(float(v) for v in np.nanmean(rows, axis=0)) if rows else (float("nan"),) * (n - 1)
+        return tuple(float(v) for v in np.nanmean(rows, axis=0)) if rows else (float("nan"),) * len(names)
 
-    names = tuple(model.preprocess.label_names[1:])
     choice = decide(names, means(raw), means(fg), means(per_class), means(fg_per_class), len(volumes))
-    payload["infer"] = {
-        **payload.get("infer", {}),
-        "largest_component": choice.largest_component,
-        "largest_component_foreground": choice.foreground,
-        "largest_component_classes": list(choice.classes),
-    }
-    save_checkpoint(payload, checkpoint)
+    for checkpoint, payload in zip(checkpoints, payloads, strict=True):
+        payload["infer"] = {
+            **payload.get("infer", {}),
+            "largest_component": choice.largest_component,
+            "largest_component_foreground": choice.foreground,
+            "largest_component_classes": list(choice.classes),
+        }
+        save_checkpoint(payload, checkpoint)
     return choice
 
 

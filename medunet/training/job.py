@@ -4,7 +4,9 @@
 its own tracking run (started before the training, finished after it, marked FAILED or KILLED
 when the training stops early) on rank 0 only; a single model whose ``infer.largest_component``
 is left open gets its post-processing chosen on the validation cases before its run is finished,
-so the tracked model carries the choice. It leaves the ``torchrun`` process group at the end.
+so the tracked model carries the choice; the folds of a cross-validation get one choice, made on
+every fold's own validation cases pooled (as nnU-Net decides on its out-of-fold predictions), after
+their runs. It leaves the ``torchrun`` process group at the end.
 
 This module sits at the top of ``training``: it reaches ``medunet.tracking`` and
 ``medunet.planning.postprocess`` (which segments through ``medunet.inference``), both imported only
@@ -108,11 +110,14 @@ def run_job(job: TrainJob, notify: Notify = log.info) -> TrainOutcome:
                 hooks=lambda cfg, out: tracking_run(cfg, out, tracking, notify),
                 is_main=world.is_main,
             )
+            if run.config.infer.largest_component is None and world.is_main:
+                folds = [Path(fold["checkpoint"]) for fold in summary["folds"]]
+                notify(f"{choose_postprocessing(folds, run.config)} (each fold's own, pooled)")
             return TrainOutcome(run.output, summary=summary)
         with tracking_run(run.config, run.output, tracking, notify) as on_epoch:
             result = train(run, on_epoch=on_epoch)
             if run.config.infer.largest_component is None and world.is_main:
-                notify(choose_postprocessing(result, run.config))
+                notify(choose_postprocessing([result.best_checkpoint], run.config))
         return TrainOutcome(run.output, result=result)
     finally:
         close_world()
@@ -138,9 +143,9 @@ def tracking_run(cfg: ExperimentConfig, output: Path, tracking: Tracking, notify
     notify(f"MLflow run {tracker.run_id} at {tracker.uri}")
 
 
-def choose_postprocessing(result: TrainResult, cfg: ExperimentConfig) -> str:
-    """Decide the largest-component filter on the validation cases and write it into the best
-    checkpoint; the decision in one line."""
+def choose_postprocessing(checkpoints: list[Path], cfg: ExperimentConfig) -> str:
+    """Decide the largest-component filter on the validation cases of ``checkpoints`` (one model, or
+    every fold of a cross-validation, pooled) and write it into each; the decision in one line."""
     from medunet.planning.postprocess import choose_postprocessing as choose
 
-    return choose(result.best_checkpoint, cfg).describe()
+    return choose(checkpoints, cfg).describe()

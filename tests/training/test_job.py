@@ -98,14 +98,24 @@ def test_run_job_trains_inside_its_tracking_run(tiny_config: Path, tmp_path: Pat
 
 
 def test_run_job_tracks_each_fold(tiny_config: Path, tmp_path: Path, fake_tracker: list) -> None:
-    cfg = load_config(tiny_config, {"train.epochs": 1})
+    """Each fold in its own tracking run; post-processing left open is chosen once, on every fold's own
+    validation cases pooled (each case validated by the fold that did not train on it), for all folds."""
+    import csv
+
+    cfg = load_config(tiny_config, {"train.epochs": 1, "infer.largest_component": None})
     said: list[str] = []
     job = TrainJob(TrainRequest(cfg, tmp_path / "cv", device="cpu", progress=False), folds=2)
     outcome = run_job(job, notify=said.append)
     assert outcome.result is None and outcome.summary is not None and len(outcome.summary["folds"]) == 2
     folds = [tmp_path / "cv" / f"fold_{k}" for k in range(2)]
     assert fake_tracker == [e for f in folds for e in (("start", f), ("epoch", 1), ("finish", "FINISHED"))]
-    assert said == ["MLflow run run123 at sqlite:///here.db"] * 2
+    assert said[:2] == ["MLflow run run123 at sqlite:///here.db"] * 2 and len(said) == 3
+    with open(cfg.data.manifest) as f:
+        cases = len(list(csv.DictReader(f)))
+    assert said[2].startswith("largest-component post-processing ")
+    assert said[2].endswith(f"on {cases} validation volumes (each fold's own, pooled)")
+    chosen = [load_checkpoint(f / "best.pt")["infer"] for f in folds]
+    assert chosen[0] == chosen[1] and isinstance(chosen[0]["largest_component_classes"], list)
 
 
 def test_outcome_lines(tmp_path: Path) -> None:
