@@ -499,8 +499,9 @@ def _launched_device(device):  # type: ignore[no-untyped-def]
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // max(1, local_size)))
+        from medunet.runtime import cores
+
+        torch.set_num_threads(max(1, cores() // max(1, local_size)))
     return device
 
 

@@ -44,6 +44,7 @@ from medunet.io.writers import write_text
 from medunet.networks.registry import describe_network
 from medunet.planning import rules
 from medunet.planning.fingerprint import fingerprint_dataset, median_shape, median_spacing
+from medunet.runtime import available_cpus, cores
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         intensity_prob=0.3,
     )
     reasons["augment.rotate_range"] = why
-    workers, why_workers = rules.loader_workers(kind, _cores())
+    workers, why_workers = rules.loader_workers(kind, cores())
     # on CPU the crop and augmentation of a batch add to a step: training computes on every core, so a
     # loader process takes its time from the step's cores (2 cores, cardiac plan: 0.217 s per step with a
     # loader process, 0.202 s without, 0.041 s of it augmentation); on CUDA the loaders hide it
@@ -367,28 +368,6 @@ def _memory_available() -> float:
     return available
 
 
-def _cores() -> int:
-    """The CPU cores this process may run on (a container's share, not the host's), rounded up."""
-    return max(1, math.ceil(_cpus()))
-
-
-def _cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
-    """CPUs' worth of time this process may use: the cores it may be scheduled on, at most what a
-    cgroup's quota allows per period (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``; ``docker --cpus``)."""
-    cores = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        try:
-            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()  # -1: no limit
-            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return cores
-    if quota.isdigit() and period.isdigit() and int(period) > 0:
-        return min(cores, int(quota) / int(period))
-    return cores
-
-
 def _augment_seconds(
     aug: AugmentConfig, dims: int, image_shape: Sequence[float], classes: int, draws: int = 24
 ) -> Callable[[tuple[int, ...]], float]:
@@ -449,7 +428,7 @@ class CpuUsage:
         import torch
 
         self.threads = torch.get_num_threads()
-        cpus = min(float(self.threads), _cpus())  # a container's quota caps what its threads can get
+        cpus = min(float(self.threads), available_cpus())  # a container's quota caps what its threads can get
         wall, cpu = time.perf_counter(), time.process_time()
         seconds = step()
         self.cpu += time.process_time() - cpu

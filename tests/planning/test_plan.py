@@ -203,23 +203,23 @@ def torch_threads_busy(seconds: float) -> None:
 def test_cpus_are_the_cores_at_most_a_containers_quota(tmp_path: Path) -> None:
     import os
 
-    from medunet.planning import plan as plan_module
+    from medunet.runtime import available_cpus
 
     cores = float(len(os.sched_getaffinity(0)))
-    assert plan_module._cpus(tmp_path / "none") == cores  # no cgroup files: the cores
+    assert available_cpus(tmp_path / "none") == cores  # no cgroup files: the cores
     v2 = tmp_path / "v2"
     v2.mkdir()
     (v2 / "cpu.max").write_text("max 100000\n")
-    assert plan_module._cpus(v2) == cores
+    assert available_cpus(v2) == cores
     (v2 / "cpu.max").write_text("50000 100000\n")  # docker --cpus 0.5
-    assert plan_module._cpus(v2) == 0.5
+    assert available_cpus(v2) == 0.5
     v1 = tmp_path / "v1" / "cpu"
     v1.mkdir(parents=True)
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")
     (v1 / "cpu.cfs_period_us").write_text("100000\n")
-    assert plan_module._cpus(v1.parent) == cores
+    assert available_cpus(v1.parent) == cores
     (v1 / "cpu.cfs_quota_us").write_text("25000\n")
-    assert plan_module._cpus(v1.parent) == 0.25
+    assert available_cpus(v1.parent) == 0.25
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -242,7 +242,7 @@ def test_cpu_usage_counts_what_a_containers_quota_lets_the_threads_use(monkeypat
 
     from medunet.planning import plan as plan_module
 
-    monkeypatch.setattr(plan_module, "_cpus", lambda: 0.5)
+    monkeypatch.setattr(plan_module, "available_cpus", lambda: 0.5)
     usage = plan_module.CpuUsage()
     usage.timed(lambda: torch_threads_busy(0.2) or 0.2)
     assert usage.threads == torch.get_num_threads() and usage.capacity < 0.5 * 0.2 * 1.5
