@@ -194,6 +194,10 @@ class InferConfig:
     # Spatial axes the network was trained to be mirror-invariant along (training flips); ``--tta``
     # averages over mirrored copies along these. Filled from ``augment.flip_axes`` when a run is saved.
     tta_axes: tuple[int, ...] = ()
+    # Average every window over those mirrored copies by default (``--tta``/``--no-tta`` override it);
+    # None: decided on the validation cases after training, as a planned run does (kept where it raises
+    # their mean Dice).
+    tta: bool | None = False
     # Keep the largest connected component; None: decided on the validation cases after training, as a
     # planned run does (the foreground as a whole first, then each class, kept where it raises their Dice).
     largest_component: bool | None = False

@@ -333,8 +333,13 @@ def infer(
     ] = False,
     probabilities: Annotated[bool, typer.Option(help="Also write <name>_probs.nii.gz.")] = False,
     tta: Annotated[
-        bool, typer.Option(help="Average over mirrored copies (axes the model was trained to flip).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Average over mirrored copies (axes the model was trained to flip), or not; default: as the "
+            "model says (planned models decide it on their validation cases).",
+        ),
+    ] = None,
     postprocess: Annotated[
         Postprocess,
         typer.Option(

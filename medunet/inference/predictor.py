@@ -43,7 +43,7 @@ class InferOptions:
     """What ``medunet infer`` can be asked for beyond the model's own settings."""
 
     probabilities: bool = False  # keep the class probabilities (float16 in memory)
-    tta: bool = False  # average over mirrored copies along every spatial axis
+    tta: bool | None = None  # average over copies mirrored along ``infer.tta_axes`` (None: as the model says)
     largest_component: bool | None = None  # keep each class's largest component (None: as the model says)
     overlap: float | None = None  # least window overlap, a fraction of a window (default: the network's context)
     roi: tuple[int, ...] | None = None  # window size (default: the largest the budget allows)
@@ -197,7 +197,7 @@ def predict(prep: Prepared, model: SegmentationModel, options: InferOptions) -> 
         raise InputError(
             model.source, "--tta: this model was trained without mirroring, so mirrored copies would only hurt"
         )
-    tta_axes = model.infer.tta_axes if options.tta else ()
+    tta_axes = model.infer.tta_axes if (bool(model.infer.tta) if options.tta is None else options.tta) else ()
     run = _predictor(engine, tta_axes)
     if prep.slice_wise:
         run = _slice_predictor(run, plan.sw_batch_size)

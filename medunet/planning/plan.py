@@ -311,7 +311,17 @@ def make_plan(dataset: Dataset, fp: dict[str, Any], budget_minutes: float, devic
         patch_size=patch,
         label_map=label_map,
     )
-    infer = InferConfig(overlap=0.5, sw_batch_size=4 if dims == 2 else 2, largest_component=None)
+    mirrored = bool(augment.flip_axes) and augment.flip_prob > 0
+    infer = InferConfig(
+        overlap=0.5, sw_batch_size=4 if dims == 2 else 2, tta=None if mirrored else False, largest_component=None
+    )
+    reasons["infer.tta"] = (
+        "decided after training on the validation volumes: averaging every window over its copies mirrored along "
+        "the axes training flipped (nnU-Net always does) is kept where it raises their mean Dice; it doubles the "
+        "network's work per mirrored axis"
+        if mirrored
+        else "off: training flipped no axis, so a mirrored copy is an image the network never learned"
+    )
     reasons["infer.largest_component"] = (
         "decided after training on the validation volumes, as nnU-Net does: the foreground's largest connected "
         "component (every class together) kept where it raises their mean Dice, then each class's own where it "

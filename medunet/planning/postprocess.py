@@ -1,15 +1,17 @@
-"""Post-processing chosen on the validation cases after training, as nnU-Net does.
+"""Mirrored test-time averaging and post-processing chosen on the validation cases after training.
 
-The trained model segments each validation volume through the same path as ``medunet infer``; the
+The trained model segments each validation volume through the same path as ``medunet infer``, with and
+without averaging over copies mirrored along the axes training flipped (nnU-Net always averages; here
+it is kept where it raises the mean Dice over those volumes). On the segmentations as chosen, the
 largest-connected-component filter, of the foreground as a whole and then of each class, is kept where
-it raises the Dice over those volumes.
+it raises the Dice, as nnU-Net decides it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,10 @@ class PostprocessChoice:
     after_foreground: tuple[float, ...]  # ... with the foreground's largest component kept
     after_class: tuple[float, ...]  # ... each class's own, on top of the foreground step as chosen
     volumes: int
+    # mirrored averaging: kept or not (None: not decided here), and the mean Dice without and with it
+    tta: bool | None = None
+    tta_dice: tuple[float, float] | None = None  # None: trained without mirroring, nothing to average
+    filter_decided: bool = True  # False: the filter was set in the config and left as it is
 
     @property
     def largest_component(self) -> bool:
@@ -46,6 +52,18 @@ class PostprocessChoice:
         return float(np.mean([self.after_class[c - 1] if c in self.classes else d for c, d in enumerate(chosen, 1)]))
 
     def describe(self) -> str:
+        said = []
+        if self.tta is not None:
+            verdict = "kept" if self.tta else "not kept"
+            how = "trained without mirroring"
+            if self.tta_dice:
+                how = f"{self.tta_dice[0]:.4f} -> {self.tta_dice[1]:.4f}, mean Dice on {self.volumes} volumes"
+            said.append(f"mirrored test-time averaging {verdict} ({how})")
+        if self.filter_decided:
+            said.append(self._describe_filter())
+        return "; ".join(said)
+
+    def _describe_filter(self) -> str:
         base = self.after_foreground if self.foreground else self.raw
         fg = np.mean(self.after_foreground)
         steps = [f"the foreground as one {'kept' if self.foreground else 'not kept'} ({fg:.4f})"] + [
@@ -60,27 +78,30 @@ class PostprocessChoice:
 
 
 def choose_postprocessing(checkpoints: Sequence[Path], cfg: ExperimentConfig) -> PostprocessChoice:
-    """Decide the largest-component filter on the validation volumes of ``checkpoints`` (one model, or
-    the folds of a cross-validation, each segmenting its own validation volumes, whose Dice are pooled),
-    as nnU-Net does: the foreground's largest component (every class together) first, kept where it
-    raises the mean Dice; then each class's own on top, kept where it raises that class's Dice (removing
-    a class's voxels changes no other class's Dice, so the classes are decided one by one). The choice
-    is written into every checkpoint (each replaced atomically)."""
+    """Decide what ``cfg.infer`` leaves open (``tta``, ``largest_component``: None) on the validation
+    volumes of ``checkpoints`` (one model, or the folds of a cross-validation, each segmenting its own
+    validation volumes, whose Dice are pooled). Mirrored averaging first, kept where it raises the mean
+    Dice by ``MIN_GAIN``; then, on the segmentations as chosen, the largest-component filter as nnU-Net
+    decides it: the foreground's largest component (every class together) kept where it raises the mean
+    Dice; then each class's own on top, kept where it raises that class's Dice (removing a class's
+    voxels changes no other class's Dice, so the classes are decided one by one). The choice is written
+    into every checkpoint (each replaced atomically)."""
     import torch
 
     from medunet.inference.model import model_from_payload
     from medunet.inference.predictor import InferOptions, keep_largest_components, segment
 
-    # per volume, Dice per foreground class: no filter, foreground, each class, both
-    raw: list[list[float]] = []
-    fg: list[list[float]] = []
-    per_class: list[list[float]] = []
-    fg_per_class: list[list[float]] = []
+    # with and without mirrored averaging, per volume, Dice per foreground class: no filter, foreground,
+    # each class, both
+    rows: dict[bool, tuple[list[list[float]], ...]] = {False: ([], [], [], []), True: ([], [], [], [])}
     payloads = [load_checkpoint(checkpoint) for checkpoint in checkpoints]
     manifest = read_manifest(cfg.data.manifest)
     volumes: dict[str, tuple[tuple[Path, ...], Path]] = {}
-    for checkpoint, payload in zip(checkpoints, payloads, strict=True):
-        model = model_from_payload(payload, str(checkpoint))
+    models = [model_from_payload(p, str(c)) for c, p in zip(checkpoints, payloads, strict=True)]
+    can_mirror = all(model.infer.tta_axes for model in models)
+    mirrored = cfg.infer.tta is None and can_mirror  # both ways, to choose
+    fixed = bool(cfg.infer.tta) and can_mirror  # the one way inference goes otherwise
+    for checkpoint, model in zip(checkpoints, models, strict=True):
         val_ids = set(json.loads((checkpoint.parent / "split.json").read_text())["val"])
         own: dict[str, tuple[tuple[Path, ...], Path]] = {}
         for case in manifest:
@@ -89,36 +110,52 @@ def choose_postprocessing(checkpoints: Sequence[Path], cfg: ExperimentConfig) ->
         volumes |= own
         n = model.preprocess.num_classes
         for images, label_path in own.values():
-            seg = segment(list(images), model, options=InferOptions(largest_component=False))
             label = load_image(label_path, spatial_dims=(2, 3))
             values = torch.round(label.as_tensor()[0]).to(torch.int64)
             truth = torch.zeros_like(values)
             for index, value in enumerate(model.label_values):
                 truth[values == value] = index
-            pred = seg.labels.to(torch.int64)
-            kept_fg = keep_largest_components(pred, n, classes=(), foreground=True).to(torch.int64)
-            for rows, filtered in (
-                (raw, pred),
-                (fg, kept_fg),
-                (per_class, keep_largest_components(pred, n)),
-                (fg_per_class, keep_largest_components(kept_fg, n)),
-            ):
-                rows.append(list(dice_from_counts(overlap_counts(filtered.to(torch.int64), truth, n))))
+            for averaged in (False, True) if mirrored else (fixed,):
+                options = InferOptions(tta=averaged, largest_component=False)
+                pred = segment(list(images), model, options=options).labels.to(torch.int64)
+                kept_fg = keep_largest_components(pred, n, classes=(), foreground=True).to(torch.int64)
+                filtered = (pred, kept_fg, keep_largest_components(pred, n), keep_largest_components(kept_fg, n))
+                for table, labels in zip(rows[averaged], filtered, strict=True):
+                    table.append(list(dice_from_counts(overlap_counts(labels.to(torch.int64), truth, n))))
     names = tuple(cfg.preprocess.label_names[1:])
 
-    def means(rows: list[list[float]]) -> tuple[float, ...]:
-        return tuple(float(v) for v in np.nanmean(rows, axis=0)) if rows else (float("nan"),) * len(names)
+    def means(table: list[list[float]]) -> tuple[float, ...]:
+        return tuple(float(v) for v in np.nanmean(table, axis=0)) if table else (float("nan"),) * len(names)
 
-    choice = decide(names, means(raw), means(fg), means(per_class), means(fg_per_class), len(volumes))
-    for checkpoint, payload in zip(checkpoints, payloads, strict=True):
-        payload["infer"] = {
-            **payload.get("infer", {}),
+    tta: bool | None = None
+    tta_dice = None
+    if cfg.infer.tta is None:
+        tta = mirrored and keeps_mirroring(means(rows[False][0]), means(rows[True][0]))
+        tta_dice = (float(np.mean(means(rows[False][0]))), float(np.mean(means(rows[True][0])))) if mirrored else None
+    chosen = rows[fixed if tta is None else tta]
+    raw, fg, each, fg_each = (means(table) for table in chosen)
+    choice = decide(names, raw, fg, each, fg_each, len(volumes))
+    choice = replace(choice, tta=tta, tta_dice=tta_dice, filter_decided=cfg.infer.largest_component is None)
+    decided: dict[str, object] = {}
+    if tta is not None:
+        decided["tta"] = tta
+    if cfg.infer.largest_component is None:
+        decided |= {
             "largest_component": choice.largest_component,
             "largest_component_foreground": choice.foreground,
             "largest_component_classes": list(choice.classes),
         }
+    for checkpoint, payload in zip(checkpoints, payloads, strict=True):
+        payload["infer"] = {**payload.get("infer", {}), **decided}
         save_checkpoint(payload, checkpoint)
     return choice
+
+
+def keeps_mirroring(plain: tuple[float, ...], mirrored: tuple[float, ...]) -> bool:
+    """Whether averaging over mirrored copies is kept, from the mean Dice per foreground class over the
+    validation volumes without and with it: where it raises their mean by ``MIN_GAIN`` (it costs a
+    network pass per copy, so a tie keeps the single pass)."""
+    return bool(float(np.mean(mirrored)) >= float(np.mean(plain)) + MIN_GAIN)
 
 
 def decide(

@@ -2,8 +2,8 @@
 
 ``run_job`` trains one model (or, with ``folds``, every fold of a cross-validation), each inside
 its own tracking run (started before the training, finished after it, marked FAILED or KILLED
-when the training stops early) on rank 0 only; a single model whose ``infer.largest_component``
-is left open gets its post-processing chosen on the validation cases before its run is finished,
+when the training stops early) on rank 0 only; a single model whose ``infer.tta`` or
+``infer.largest_component`` is left open gets them chosen on the validation cases before its run is finished,
 so the tracked model carries the choice; the folds of a cross-validation get one choice, made on
 every fold's own validation cases pooled (as nnU-Net decides on its out-of-fold predictions), after
 their runs. It leaves the ``torchrun`` process group at the end.
@@ -110,13 +110,13 @@ def run_job(job: TrainJob, notify: Notify = log.info) -> TrainOutcome:
                 hooks=lambda cfg, out: tracking_run(cfg, out, tracking, notify),
                 is_main=world.is_main,
             )
-            if run.config.infer.largest_component is None and world.is_main:
+            if _left_open(run.config) and world.is_main:
                 folds = [Path(fold["checkpoint"]) for fold in summary["folds"]]
                 notify(f"{choose_postprocessing(folds, run.config)} (each fold's own, pooled)")
             return TrainOutcome(run.output, summary=summary)
         with tracking_run(run.config, run.output, tracking, notify) as on_epoch:
             result = train(run, on_epoch=on_epoch)
-            if run.config.infer.largest_component is None and world.is_main:
+            if _left_open(run.config) and world.is_main:
                 notify(choose_postprocessing([result.best_checkpoint], run.config))
         return TrainOutcome(run.output, result=result)
     finally:
@@ -143,9 +143,15 @@ def tracking_run(cfg: ExperimentConfig, output: Path, tracking: Tracking, notify
     notify(f"MLflow run {tracker.run_id} at {tracker.uri}")
 
 
+def _left_open(cfg: ExperimentConfig) -> bool:
+    """Whether the config leaves mirrored averaging or the largest-component filter to the validation cases."""
+    return cfg.infer.tta is None or cfg.infer.largest_component is None
+
+
 def choose_postprocessing(checkpoints: list[Path], cfg: ExperimentConfig) -> str:
-    """Decide the largest-component filter on the validation cases of ``checkpoints`` (one model, or
-    every fold of a cross-validation, pooled) and write it into each; the decision in one line."""
+    """Decide mirrored averaging and the largest-component filter, where the config leaves them open, on
+    the validation cases of ``checkpoints`` (one model, or every fold of a cross-validation, pooled) and
+    write them into each; the decision in one line."""
     from medunet.planning.postprocess import choose_postprocessing as choose
 
     return choose(checkpoints, cfg).describe()

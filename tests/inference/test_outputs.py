@@ -157,6 +157,14 @@ def test_tta_needs_mirroring_and_makes_output_mirror_symmetric(tiny_model: Path,
     disagree = ~both
     assert 0.25 < (a[disagree] == plain[disagree]).mean() < 0.75
     assert ((a == plain) | (a == plain_of_mirrored))[disagree].mean() > 0.9
+    # a model that chose mirrored averaging (infer.tta) averages unless told not to
+    averaging = replace(model, infer=replace(model.infer, tta=True))
+    np.testing.assert_array_equal(medunet.segment(img, averaging).labels.numpy(), a)
+    unaveraged = medunet.segment(img, averaging, options=InferOptions(tta=False)).labels.numpy()
+    np.testing.assert_array_equal(unaveraged, plain)
+    out = tmp_path / "plain.nii.gz"
+    assert run_medunet("infer", str(img), "-o", str(out), "--model", str(tiny_model), "--no-tta").returncode == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), plain)
 
 
 def expected_ct_frames(data_dir: Path) -> tuple[np.ndarray, np.ndarray, list[float]]:

@@ -83,6 +83,9 @@ def test_plan_writes_a_config_that_loads_with_its_manifest_and_fingerprint(data_
     assert {r.split(",")[3] for r in rows[1:]} == set(PATIENTS)
     assert cfg.network.deep_supervision and "network.deep_supervision" in plan.reasons
     assert "train.precision" in plan.reasons and "precision:" in text
+    # mirrored along the in-plane axis that keeps the labels' meaning, so averaging is left to the validation
+    assert cfg.augment.flip_axes and cfg.infer.tta is None and "tta: null" in text
+    assert "raises their mean Dice" in plan.reasons["infer.tta"]
 
 
 def test_bf16_only_where_the_cpu_has_it_and_a_step_measures_faster(monkeypatch: pytest.MonkeyPatch) -> None:

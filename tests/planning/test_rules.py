@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from medunet.planning import rules
 
 
@@ -137,3 +139,21 @@ def test_postprocessing_is_decided_for_the_foreground_then_each_class() -> None:
     # nothing that helps, or nothing to judge on: no filter
     assert not decide(names, raw, raw, raw, raw, 32).largest_component
     assert not decide(names, raw, fg, each, fg_each, 0).largest_component
+
+
+def test_mirrored_averaging_is_kept_where_it_raises_the_mean_dice() -> None:
+    """Decided before the filter: kept where the mean Dice over the classes rises by 0.001, whatever
+    one class does; the line names both figures, and leaves out a filter the config had set."""
+    from medunet.planning.postprocess import decide, keeps_mirroring
+
+    plain = (0.8454, 0.8615, 0.9099)
+    assert keeps_mirroring(plain, (0.8502, 0.8650, 0.9090))  # LV lost 0.0009, the mean gained 0.0025
+    assert not keeps_mirroring(plain, (0.8460, 0.8617, 0.9104))  # +0.0004: not worth a second pass
+    assert not keeps_mirroring(plain, (0.8400, 0.8615, 0.9099))
+    names = ("RV", "MYO", "LV")
+    choice = replace(decide(names, plain, plain, plain, plain, 32), tta=True, tta_dice=(0.8723, 0.8747))
+    said = choice.describe()
+    assert said.startswith("mirrored test-time averaging kept (0.8723 -> 0.8747, mean Dice on 32 volumes); ")
+    assert "largest-component post-processing not kept" in said
+    alone = replace(choice, tta=False, tta_dice=None, filter_decided=False)
+    assert alone.describe() == "mirrored test-time averaging not kept (trained without mirroring)"

@@ -79,14 +79,16 @@ def test_tracking_run_life_cycle(tiny_config: Path, tmp_path: Path, fake_tracker
 
 
 def test_run_job_trains_inside_its_tracking_run(tiny_config: Path, tmp_path: Path, fake_tracker: list) -> None:
-    """The post-processing is chosen (and written into best.pt) before the tracking run is finished, so
-    the model the tracker logs carries it."""
-    cfg = load_config(tiny_config, {"train.epochs": 2, "infer.largest_component": None})
+    """Mirrored averaging and the post-processing are chosen (and written into best.pt) before the
+    tracking run is finished, so the model the tracker logs carries them."""
+    overrides = {"train.epochs": 2, "infer.largest_component": None, "infer.tta": None}
+    cfg = load_config(tiny_config, {**overrides, "augment.flip_prob": 0.5, "augment.flip_axes": [0]})
     said: list[str] = []
     outcome = run_job(TrainJob(TrainRequest(cfg, tmp_path / "run", device="cpu", progress=False)), notify=said.append)
     assert outcome.result is not None and outcome.summary is None and outcome.result.epochs_run == 2
     assert fake_tracker == [("start", tmp_path / "run"), ("epoch", 1), ("epoch", 2), ("finish", "FINISHED")]
-    assert len(said) == 2 and said[0].startswith("largest-component post-processing ")
+    assert len(said) == 2 and said[0].startswith("mirrored test-time averaging ")
+    assert "; largest-component post-processing " in said[0]
     assert said[1] == "MLflow run run123 at sqlite:///here.db"
     infer = load_checkpoint(tmp_path / "run" / "best.pt")["infer"]
     assert isinstance(infer["largest_component"], bool) and isinstance(infer["largest_component_foreground"], bool)
@@ -94,6 +96,8 @@ def test_run_job_trains_inside_its_tracking_run(tiny_config: Path, tmp_path: Pat
     assert model.infer.largest_component_classes == tuple(infer["largest_component_classes"])
     assert model.infer.largest_component_foreground == infer["largest_component_foreground"]
     assert ("post-processing kept" in said[0]) == infer["largest_component"]
+    assert isinstance(infer["tta"], bool) and model.infer.tta == infer["tta"] and model.infer.tta_axes == (0,)
+    assert ("averaging kept" in said[0]) == infer["tta"]
     assert outcome.describe().startswith(f"best mean Dice {outcome.result.best_dice:.4f} at epoch ")
 
 
@@ -116,6 +120,7 @@ def test_run_job_tracks_each_fold(tiny_config: Path, tmp_path: Path, fake_tracke
     assert said[2].endswith(f"on {cases} validation volumes (each fold's own, pooled)")
     chosen = [load_checkpoint(f / "best.pt")["infer"] for f in folds]
     assert chosen[0] == chosen[1] and isinstance(chosen[0]["largest_component_classes"], list)
+    assert chosen[0]["tta"] is False  # set in the config, so left as it is
 
 
 def test_outcome_lines(tmp_path: Path) -> None:
