@@ -100,12 +100,18 @@ def run_training(
     import dataclasses
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest.resolve()))
+    from medunet.training.job import choose_postprocessing, decisions_left_open
+
     if folds:
         from medunet.training.crossval import cross_validate
 
         summary = cross_validate(cfg, Path(output_dir), folds, device=device, progress=False)
         log.info("cross-validation mean Dice %.4f", summary["mean"]["mean"])
+        if decisions_left_open(cfg):  # a planned recipe: decided on every fold's own validation cases, as `train` does
+            log.info("%s", choose_postprocessing([Path(f["checkpoint"]) for f in summary["folds"]], cfg))
         return Path(output_dir)
     result = train(TrainRequest(cfg, Path(output_dir), device=device, progress=False))
     log.info("best mean Dice %.4f at epoch %d", result.best_dice, result.best_epoch)
+    if decisions_left_open(cfg):
+        log.info("%s", choose_postprocessing([result.best_checkpoint], cfg))
     return result.best_checkpoint

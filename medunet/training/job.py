@@ -110,13 +110,13 @@ def run_job(job: TrainJob, notify: Notify = log.info) -> TrainOutcome:
                 hooks=lambda cfg, out: tracking_run(cfg, out, tracking, notify),
                 is_main=world.is_main,
             )
-            if _left_open(run.config) and world.is_main:
+            if decisions_left_open(run.config) and world.is_main:
                 folds = [Path(fold["checkpoint"]) for fold in summary["folds"]]
                 notify(f"{choose_postprocessing(folds, run.config)} (each fold's own, pooled)")
             return TrainOutcome(run.output, summary=summary)
         with tracking_run(run.config, run.output, tracking, notify) as on_epoch:
             result = train(run, on_epoch=on_epoch)
-            if _left_open(run.config) and world.is_main:
+            if decisions_left_open(run.config) and world.is_main:
                 notify(choose_postprocessing([result.best_checkpoint], run.config))
         return TrainOutcome(run.output, result=result)
     finally:
@@ -143,7 +143,7 @@ def tracking_run(cfg: ExperimentConfig, output: Path, tracking: Tracking, notify
     notify(f"MLflow run {tracker.run_id} at {tracker.uri}")
 
 
-def _left_open(cfg: ExperimentConfig) -> bool:
+def decisions_left_open(cfg: ExperimentConfig) -> bool:
     """Whether the config leaves mirrored averaging or the largest-component filter to the validation cases."""
     return cfg.infer.tta is None or cfg.infer.largest_component is None
 

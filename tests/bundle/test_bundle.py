@@ -142,6 +142,20 @@ def test_monai_tooling_accepts_the_bundle(bundle: Path, tmp_path: Path) -> None:
     assert torch.equal(eager, exported)
 
 
+def test_retraining_a_planned_recipe_decides_what_it_leaves_open(tiny_config: Path, tmp_path: Path) -> None:
+    """`train.json` retrains a planned recipe as `medunet train` trains it: mirrored averaging and the
+    filter, left open (null), are decided on the validation cases and written into the model."""
+    from medunet.bundle.components import run_training
+    from medunet.config import load_config, to_dict
+    from medunet.io import load_checkpoint
+
+    overrides = {"train.epochs": 1, "infer.tta": None, "infer.largest_component": None}
+    cfg = load_config(tiny_config, {**overrides, "augment.flip_prob": 0.5, "augment.flip_axes": [0]})
+    best = run_training(to_dict(cfg), str(tmp_path), str(tmp_path / "run"), device="cpu")
+    infer = load_checkpoint(best)["infer"]
+    assert isinstance(infer["tta"], bool) and isinstance(infer["largest_component"], bool)
+
+
 def test_default_model_env(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from medunet.inference.model import default_model_path
 

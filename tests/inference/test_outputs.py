@@ -17,6 +17,7 @@ from PIL import Image
 
 import medunet
 from medunet.inference.predictor import InferOptions, keep_largest_components
+from medunet.io import load_checkpoint, save_checkpoint
 from medunet.io.dicom_seg import write_dicom_seg
 from tests.cli.test_cli import error_lines
 from tests.cli.test_cli import medunet as run_medunet
@@ -162,9 +163,14 @@ def test_tta_needs_mirroring_and_makes_output_mirror_symmetric(tiny_model: Path,
     np.testing.assert_array_equal(medunet.segment(img, averaging).labels.numpy(), a)
     unaveraged = medunet.segment(img, averaging, options=InferOptions(tta=False)).labels.numpy()
     np.testing.assert_array_equal(unaveraged, plain)
-    out = tmp_path / "plain.nii.gz"
-    assert run_medunet("infer", str(img), "-o", str(out), "--model", str(tiny_model), "--no-tta").returncode == 0
-    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), plain)
+    # ... also through `medunet infer`, where --no-tta overrides it
+    payload = load_checkpoint(tiny_model)
+    payload["infer"] = {**payload["infer"], "tta": True, "tta_axes": [0]}
+    save_checkpoint(payload, chose := tmp_path / "chose_tta.pt")
+    for flags, expected in (((), a), (("--no-tta",), plain), (("--tta",), a)):
+        out = tmp_path / "mask.nii.gz"
+        assert run_medunet("infer", str(img), "-o", str(out), "--model", str(chose), *flags).returncode == 0
+        np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), expected)
 
 
 def expected_ct_frames(data_dir: Path) -> tuple[np.ndarray, np.ndarray, list[float]]:

@@ -78,13 +78,35 @@ def test_tracking_run_life_cycle(tiny_config: Path, tmp_path: Path, fake_tracker
     assert fake_tracker == []
 
 
-def test_run_job_trains_inside_its_tracking_run(tiny_config: Path, tmp_path: Path, fake_tracker: list) -> None:
+@pytest.fixture
+def averaged(monkeypatch: pytest.MonkeyPatch) -> list[bool | None]:
+    """The ``tta`` of every segmentation the choice of post-processing asks for (the real one runs)."""
+    import medunet.inference.predictor as predictor
+
+    asked: list[bool | None] = []
+    real = predictor.segment
+
+    def segment(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs["options"].tta)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predictor, "segment", segment)
+    return asked
+
+
+def test_run_job_trains_inside_its_tracking_run(
+    tiny_config: Path, tmp_path: Path, fake_tracker: list, averaged: list
+) -> None:
     """Mirrored averaging and the post-processing are chosen (and written into best.pt) before the
     tracking run is finished, so the model the tracker logs carries them."""
+    import re
+
     overrides = {"train.epochs": 2, "infer.largest_component": None, "infer.tta": None}
     cfg = load_config(tiny_config, {**overrides, "augment.flip_prob": 0.5, "augment.flip_axes": [0]})
     said: list[str] = []
     outcome = run_job(TrainJob(TrainRequest(cfg, tmp_path / "run", device="cpu", progress=False)), notify=said.append)
+    assert averaged and averaged == [False, True] * (len(averaged) // 2)  # each volume both ways
+    assert re.match(r"mirrored test-time averaging (not )?kept \(\d\.\d{4} -> \d\.\d{4}, mean Dice on", said[0])
     assert outcome.result is not None and outcome.summary is None and outcome.result.epochs_run == 2
     assert fake_tracker == [("start", tmp_path / "run"), ("epoch", 1), ("epoch", 2), ("finish", "FINISHED")]
     assert len(said) == 2 and said[0].startswith("mirrored test-time averaging ")
@@ -101,12 +123,14 @@ def test_run_job_trains_inside_its_tracking_run(tiny_config: Path, tmp_path: Pat
     assert outcome.describe().startswith(f"best mean Dice {outcome.result.best_dice:.4f} at epoch ")
 
 
-def test_run_job_tracks_each_fold(tiny_config: Path, tmp_path: Path, fake_tracker: list) -> None:
+def test_run_job_tracks_each_fold(tiny_config: Path, tmp_path: Path, fake_tracker: list, averaged: list) -> None:
     """Each fold in its own tracking run; post-processing left open is chosen once, on every fold's own
-    validation cases pooled (each case validated by the fold that did not train on it), for all folds."""
+    validation cases pooled (each case validated by the fold that did not train on it), for all folds,
+    on the segmentations inference will make: averaged, as the config fixes it."""
     import csv
 
-    cfg = load_config(tiny_config, {"train.epochs": 1, "infer.largest_component": None})
+    overrides = {"train.epochs": 1, "infer.largest_component": None, "infer.tta": True}
+    cfg = load_config(tiny_config, {**overrides, "augment.flip_prob": 0.5, "augment.flip_axes": [0]})
     said: list[str] = []
     job = TrainJob(TrainRequest(cfg, tmp_path / "cv", device="cpu", progress=False), folds=2)
     outcome = run_job(job, notify=said.append)
@@ -120,7 +144,8 @@ def test_run_job_tracks_each_fold(tiny_config: Path, tmp_path: Path, fake_tracke
     assert said[2].endswith(f"on {cases} validation volumes (each fold's own, pooled)")
     chosen = [load_checkpoint(f / "best.pt")["infer"] for f in folds]
     assert chosen[0] == chosen[1] and isinstance(chosen[0]["largest_component_classes"], list)
-    assert chosen[0]["tta"] is False  # set in the config, so left as it is
+    assert chosen[0]["tta"] is True  # set in the config, so left as it is
+    assert averaged == [True] * cases  # each volume once, as the config says inference segments it
 
 
 def test_outcome_lines(tmp_path: Path) -> None:
