@@ -130,8 +130,9 @@ def choose_postprocessing(checkpoints: Sequence[Path], cfg: ExperimentConfig) ->
     tta: bool | None = None
     tta_dice = None
     if cfg.infer.tta is None:
-        tta = mirrored and keeps_mirroring(means(rows[False][0]), means(rows[True][0]))
-        tta_dice = (float(np.mean(means(rows[False][0]))), float(np.mean(means(rows[True][0])))) if mirrored else None
+        plain_dice, mirrored_dice = means(rows[False][0]), means(rows[True][0])
+        tta = mirrored and keeps_mirroring(plain_dice, mirrored_dice)
+        tta_dice = (float(np.mean(plain_dice)), float(np.mean(mirrored_dice))) if mirrored else None
     chosen = rows[fixed if tta is None else tta]
     raw, fg, each, fg_each = (means(table) for table in chosen)
     choice = decide(names, raw, fg, each, fg_each, len(volumes))
